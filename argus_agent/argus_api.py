@@ -1,0 +1,183 @@
+"""The REST client for the Argus server's agent and event endpoints (httpx, async).
+
+Owns HTTP and turns every answer into a value or one of the ``errors.ServerError`` classes;
+whether and when to retry is the caller's decision (see ``backoff.py``). After a connection
+error or a 5xx the underlying connection pool is dropped, because Argus v0.3.0 may close a
+keep-alive connection after a 500: the next request starts on a fresh connection.
+Tokens travel only in the Authorization header and never appear in an exception message.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from typing import Any
+
+import httpx
+
+from argus_agent import __version__
+from argus_agent.errors import (
+    AgentTokenRejectedError,
+    AuthError,
+    ConflictError,
+    NotFoundError,
+    ProtocolError,
+    RateLimitedError,
+    ServerError,
+    TransientServerError,
+)
+from argus_agent.protocol import AckStatus, RegisterResult, ack_body
+
+MAX_RETRY_AFTER_S = 3600.0
+
+
+class ArgusClient:
+    """An async client for one Argus server. Not shared between event loops.
+
+    Every method blocks only its coroutine; each raises a ``ServerError`` subclass on failure.
+    """
+
+    def __init__(self, base_url: str, *, timeout_s: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._timeout = httpx.Timeout(timeout_s)
+        self._client: httpx.AsyncClient | None = None
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                base_url=self.base_url,
+                timeout=self._timeout,
+                headers={"User-Agent": f"argus-agent/{__version__}"},
+                follow_redirects=False,
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the connection pool; the client can still be used (it reconnects)."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def _request(
+        self, method: str, path: str, token: str, json: Any | None = None
+    ) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}"}
+        try:
+            response = await self._http().request(method, path, json=json, headers=headers)
+        except httpx.TimeoutException as exc:
+            await self.aclose()
+            raise TransientServerError(
+                f"{method} {path}: timed out ({type(exc).__name__})"
+            ) from None
+        except httpx.TransportError as exc:
+            await self.aclose()
+            raise TransientServerError(f"{method} {path}: {_transport_reason(exc)}") from None
+        if response.status_code >= 500:
+            await self.aclose()
+        if response.is_error:
+            raise _error_for(method, path, response)
+        return response
+
+    async def register(
+        self, user_token: str, hostname: str, capabilities: list[str]
+    ) -> RegisterResult:
+        """Register this host; the server rotates the token of an existing (hostname, user)."""
+        body = {"hostname": hostname, "version": __version__, "capabilities": capabilities}
+        response = await self._request("POST", "/api/agents/register", user_token, body)
+        return RegisterResult.model_validate(_json(response))
+
+    async def poll(self, agent_id: str, agent_token: str) -> Any:
+        """Fetch the pending commands; returns the decoded JSON body (see ``protocol``)."""
+        response = await self._request("GET", f"/api/agents/{agent_id}/jobs", agent_token)
+        return _json(response)
+
+    async def ack(
+        self,
+        agent_id: str,
+        agent_token: str,
+        cmd_id: str,
+        status: AckStatus,
+        *,
+        pid: int | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Acknowledge one command. Raises ConflictError (409) when it was acked already."""
+        await self._request(
+            "POST",
+            f"/api/agents/{agent_id}/jobs/{cmd_id}/ack",
+            agent_token,
+            ack_body(status, pid, error),
+        )
+
+    async def heartbeat(self, agent_id: str, agent_token: str, note: str | None = None) -> None:
+        """Tell the server this agent is alive."""
+        body = {"note": note} if note else None
+        await self._request("POST", f"/api/agents/{agent_id}/heartbeat", agent_token, body)
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        raise ProtocolError(
+            f"{response.request.method} {response.request.url.path}: answer is not JSON",
+            status=response.status_code,
+        ) from None
+
+
+def _transport_reason(exc: httpx.TransportError) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.ConnectError):
+        return f"cannot connect ({text})"
+    return text
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200]
+    if isinstance(body, dict) and "detail" in body:
+        detail = body["detail"]
+        return detail if isinstance(detail, str) else str(detail)[:500]
+    return str(body)[:200]
+
+
+def retry_after_seconds(value: str | None, *, now: float | None = None) -> float:
+    """Parse a ``Retry-After`` header (seconds or an HTTP date) into seconds, within [0, 1 h].
+
+    A missing or unreadable header means 1 s.
+    """
+    if not value:
+        return 1.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        if parsed is None:
+            return 1.0
+        seconds = parsed.timestamp() - (now if now is not None else time.time())
+    return max(0.0, min(seconds, MAX_RETRY_AFTER_S))
+
+
+def _error_for(method: str, path: str, response: httpx.Response) -> ServerError:
+    status = response.status_code
+    detail = _detail(response)
+    where = f"{method} {path}: HTTP {status}: {detail}"
+    if status == 429:
+        try:
+            wait = retry_after_seconds(response.headers.get("Retry-After"))
+        except (TypeError, ValueError):
+            wait = 1.0
+        return RateLimitedError(where, retry_after=wait, detail=detail)
+    if status >= 500 or status in (408,):
+        return TransientServerError(where, status=status, detail=detail)
+    if status == 401 and detail == "agent token unknown":
+        return AgentTokenRejectedError(where, status=status, detail=detail)
+    if status in (401, 403):
+        return AuthError(where, status=status, detail=detail)
+    if status == 404:
+        return NotFoundError(where, status=status, detail=detail)
+    if status == 409:
+        return ConflictError(where, status=status, detail=detail)
+    return ProtocolError(where, status=status, detail=detail)

@@ -1,0 +1,152 @@
+"""The REST polling channel of an unmodified Argus v0.3.0 server.
+
+Polls ``GET /api/agents/{id}/jobs`` at the poll interval with ±10 % jitter and sends
+heartbeats on their own interval. Connection errors, timeouts and 5xx back off exponentially
+with full jitter (reset after a success); 429 waits for ``Retry-After``. A rejected agent
+token (rotated by a re-register, or revoked) is logged once as an error naming the fix; the
+channel keeps running, re-reads the token file and retries slowly, so systemd never sees a
+crash loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+
+from argus_agent.argus_api import ArgusClient
+from argus_agent.backoff import Backoff, jittered
+from argus_agent.channels.base import sleep_unless
+from argus_agent.config import AgentSettings
+from argus_agent.credentials import AgentCredentials
+from argus_agent.dispatcher import Dispatcher
+from argus_agent.errors import (
+    AgentError,
+    AgentTokenRejectedError,
+    AuthError,
+    RateLimitedError,
+    ServerError,
+)
+from argus_agent.logsetup import get_logger
+from argus_agent.protocol import AckStatus, decode_commands
+from argus_agent.status import ChannelState
+
+log = get_logger(__name__)
+
+FIX_TOKEN = "run `argus-agent register --force` on this host to get a new agent token"
+
+
+class PollChannel:
+    """Argus v0.3.0 polling. ``reload_credentials`` re-reads the token file (after a 401)."""
+
+    def __init__(
+        self,
+        client: ArgusClient,
+        credentials: AgentCredentials,
+        dispatcher: Dispatcher,
+        state: ChannelState,
+        settings: AgentSettings,
+        *,
+        server_poll_interval_s: float,
+        reload_credentials: Callable[[], AgentCredentials | None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.client = client
+        self.creds = credentials
+        self.dispatcher = dispatcher
+        self.state = state
+        self.settings = settings
+        self.interval = settings.poll_interval_s or server_poll_interval_s
+        self.reload_credentials = reload_credentials
+        self.rng = rng or random.Random()
+        self.backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s, rng=self.rng)
+        self._auth_reported = False
+        self.state.kind = "poll"
+        self.state.poll_interval_s = self.interval
+
+    async def run(self, shutdown: asyncio.Event) -> None:
+        """Poll and heartbeat until ``shutdown`` is set. Never raises for server trouble."""
+        heartbeat = asyncio.create_task(self._heartbeat_loop(shutdown))
+        try:
+            while not shutdown.is_set():
+                delay = await self.poll_once()
+                if await sleep_unless(shutdown, delay):
+                    break
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+
+    async def poll_once(self) -> float:
+        """One exchange: pending acks, a poll, acting on what came. Returns the delay until
+        the next poll, chosen by what happened."""
+        try:
+            await self.dispatcher.flush_acks(self._ack)
+            body = await self.client.poll(self.creds.agent_id, self.creds.agent_token)
+            for item in decode_commands(body):
+                await self.dispatcher.handle(item, self._ack)
+        except ServerError as exc:
+            return self._failed(exc)
+        if self.state.state not in ("connected", "starting"):
+            log.info("connection to the server restored", server=self.client.base_url)
+        self.state.ok()
+        self.backoff.reset()
+        self._auth_reported = False
+        return jittered(self.interval, 0.1, self.rng)
+
+    def _failed(self, exc: ServerError) -> float:
+        if isinstance(exc, RateLimitedError):
+            delay = exc.retry_after
+            self.state.failed("rate_limited", str(exc), delay)
+            log.warning("server asks us to slow down", retry_after_s=round(delay, 3))
+            return delay
+        if isinstance(exc, AgentTokenRejectedError | AuthError):
+            delay = self.settings.auth_retry_s
+            self.state.failed("auth_rejected", f"{exc}; {FIX_TOKEN}", delay)
+            if not self._auth_reported:
+                self._auth_reported = True
+                log.error(
+                    "the server rejected this agent's token (rotated by a re-register, or "
+                    f"revoked); {FIX_TOKEN}",
+                    detail=exc.detail,
+                    retry_in_s=delay,
+                )
+            if self._reload():
+                return 0.0
+            return delay
+        delay = self.backoff.next_delay()
+        self.state.failed("backing_off", str(exc), delay)
+        log.warning("server exchange failed; retrying", error=str(exc), retry_in_s=round(delay, 3))
+        return delay
+
+    def _reload(self) -> bool:
+        """Pick up a token written by `register --force` since we started; True if new."""
+        if self.reload_credentials is None:
+            return False
+        try:
+            fresh = self.reload_credentials()
+        except AgentError as exc:
+            log.warning("cannot re-read the token file", error=str(exc))
+            return False
+        if fresh is None or fresh.agent_token == self.creds.agent_token:
+            return False
+        log.info("new agent token found in the token file; retrying now")
+        self.creds = fresh
+        return True
+
+    async def _ack(
+        self, cmd_id: str, status: AckStatus, pid: int | None, error: str | None
+    ) -> None:
+        await self.client.ack(
+            self.creds.agent_id, self.creds.agent_token, cmd_id, status, pid=pid, error=error
+        )
+
+    async def _heartbeat_loop(self, shutdown: asyncio.Event) -> None:
+        while not await sleep_unless(shutdown, self.settings.heartbeat_interval_s):
+            if self.state.state == "auth_rejected":
+                continue
+            try:
+                await self.client.heartbeat(self.creds.agent_id, self.creds.agent_token)
+                self.state.last_heartbeat_at = time.time()
+            except ServerError as exc:
+                log.debug("heartbeat failed", error=str(exc))

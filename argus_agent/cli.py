@@ -1,0 +1,293 @@
+"""The `argus-agent` command line. The one place that maps errors to exit codes.
+
+A user sees one clear line per error on stderr; a traceback only with ``--debug``.
+
+Exit codes: 0 ok, 1 unexpected error, 2 usage, 3 config error, 4 state/token/auth problem,
+5 server unreachable or refusing, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from argus_agent import __version__
+from argus_agent.config import Settings, default_config_path, load_settings, redacted_dump
+from argus_agent.errors import AgentError, ConfigError, StateError
+from argus_agent.logsetup import configure, get_logger, redact_text
+
+log = get_logger("argus_agent.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help=f"config file (default: {default_config_path()})",
+    )
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="debug logging and tracebacks on errors",
+    )
+    parser = argparse.ArgumentParser(
+        prog="argus-agent",
+        description="Host agent for Argus: reruns and stops training runs on this host.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"argus-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("run", parents=[common], help="run the daemon in the foreground (default)")
+    reg = sub.add_parser(
+        "register", parents=[common], help="register this host with the Argus server"
+    )
+    reg.add_argument(
+        "--token-file",
+        type=Path,
+        help="file holding the em_live_ reporter token (default: $ARGUS_TOKEN)",
+    )
+    reg.add_argument(
+        "--force",
+        action="store_true",
+        help="register again even if registered (rotates the agent token)",
+    )
+    st = sub.add_parser("status", parents=[common], help="show what the running agent is doing")
+    st.add_argument("--json", action="store_true", help="print the raw status document")
+    cfg = sub.add_parser("config", parents=[common], help="configuration tools")
+    cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    cfg_sub.add_parser(
+        "check", parents=[common], help="validate and print the effective config (secrets redacted)"
+    )
+    init = sub.add_parser("init", parents=[common], help="write a commented starter config")
+    init.add_argument("path", nargs="?", type=Path, help="where (default: the default path)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    demo = sub.add_parser(
+        "demo", parents=[common], help="run a self-contained demo against a local reference server"
+    )
+    demo.add_argument("--keep", action="store_true", help="keep the demo's temp directory")
+    dev = sub.add_parser(
+        "dev-server",
+        parents=[common],
+        help="run the reference Argus-compatible server (for development)",
+    )
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=8000)
+    dev.add_argument("--db", default=":memory:", help="SQLite file (default: in memory)")
+    dev.add_argument(
+        "--user",
+        action="append",
+        default=[],
+        help="create this user and print its em_live_ token (repeatable)",
+    )
+    dev.add_argument(
+        "--poll-interval",
+        type=float,
+        default=10.0,
+        help="poll_interval_s the server hands to agents",
+    )
+    return parser
+
+
+def _normalise_argv(argv: Sequence[str]) -> list[str]:
+    """Accept Argus' documented spellings: bare `argus-agent` runs, `--register` registers."""
+    args = list(argv)
+    if "--register" in args:
+        args[args.index("--register")] = "register"
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    args = _parser().parse_args(_normalise_argv(sys.argv[1:] if argv is None else argv))
+    debug = getattr(args, "debug", False)
+    command = args.command or "run"
+    try:
+        return _dispatch(command, args)
+    except KeyboardInterrupt:
+        return 130
+    except AgentError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"argus-agent: {redact_text(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        print(
+            f"argus-agent: unexpected error: {type(exc).__name__}: {redact_text(str(exc))} "
+            "(run with --debug for a traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(getattr(args, "config", None))
+
+
+def _dispatch(command: str, args: argparse.Namespace) -> int:
+    if command == "init":
+        return _cmd_init(args)
+    if command == "dev-server":
+        return _cmd_dev_server(args)
+    if command == "demo":
+        from argus_agent.demo import run_demo
+
+        configure("warning" if not getattr(args, "debug", False) else "debug")
+        return run_demo(keep=args.keep)
+    settings = _settings(args)
+    level = "debug" if getattr(args, "debug", False) else settings.agent.log_level
+    configure(level)
+    if command == "config":
+        print(json.dumps(redacted_dump(settings), indent=2))
+        return 0
+    if command == "register":
+        return _cmd_register(settings, args)
+    if command == "status":
+        return _cmd_status(settings, as_json=args.json)
+    return _cmd_run(settings)
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    path: Path = args.path or getattr(args, "config", None) or default_config_path()
+    if path.exists() and not args.force:
+        raise ConfigError(f"{path}: already exists; use --force to overwrite it")
+    template = resources.files("argus_agent").joinpath("data/config.example.toml").read_text()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(template)
+    except OSError as exc:
+        raise StateError(f"{path}: cannot write the config: {exc.strerror}") from None
+    print(f"wrote {path}; edit server.url, then run `argus-agent config check`")
+    return 0
+
+
+def _cmd_register(settings: Settings, args: argparse.Namespace) -> int:
+    from argus_agent.credentials import read_user_token
+    from argus_agent.registration import register_host
+
+    if args.token_file:
+        token = read_user_token(args.token_file)
+    elif settings.server.token:
+        token = settings.server.token
+    else:
+        raise ConfigError(
+            "register needs an Argus reporter token: set ARGUS_TOKEN=em_live_... "
+            "or pass --token-file FILE"
+        )
+    creds = asyncio.run(register_host(settings, token, force=args.force))
+    print(
+        f"registered {settings.agent.hostname} with {creds.server_url} as {creds.agent_id}; "
+        f"token saved to {settings.token_path} (mode 0600)"
+    )
+    return 0
+
+
+def _cmd_status(settings: Settings, *, as_json: bool) -> int:
+    from argus_agent.control import SOCKET_NAME, query_status
+
+    status = query_status(settings.agent.state_dir / SOCKET_NAME)
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(format_status(status))
+    return 0 if status.get("channel", {}).get("state") == "connected" else 1
+
+
+def format_status(status: dict) -> str:
+    """Render a status document as a few readable lines."""
+    ch = status.get("channel", {})
+    lines = [
+        f"argus-agent {status.get('version')} pid {status.get('pid')} "
+        f"up {_ago(status.get('uptime_s'))} on {status.get('hostname')}",
+        f"server   {status.get('server_url')} as {status.get('agent_id')} ({ch.get('kind')})",
+        f"channel  {ch.get('state')}"
+        + (f", last ok {_since(ch.get('last_ok_at'))} ago" if ch.get("last_ok_at") else ""),
+    ]
+    if ch.get("state") != "connected" and ch.get("last_error"):
+        lines.append(f"error    {ch['last_error']}")
+    counts = status.get("commands", {})
+    lines.append(
+        "commands " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        if counts
+        else "commands none yet"
+    )
+    jobs = status.get("jobs", [])
+    lines.append(
+        f"jobs     {sum(j['state'] == 'running' for j in jobs)} running, {len(jobs)} known"
+    )
+    for job in jobs[:20]:
+        lines.append(f"  {job['batch_id']:<24} pid {job['pid']:<8} {job['outcome']}")
+    return "\n".join(lines)
+
+
+def _since(ts: float | None) -> str:
+    return _ago(time.time() - ts) if ts else "never"
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def _cmd_run(settings: Settings) -> int:
+    from argus_agent.daemon import Agent
+
+    async def _main() -> None:
+        shutdown = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        received: list[int] = []
+
+        def _on_signal(signum: int) -> None:
+            received.append(signum)
+            if len(received) == 1:
+                log.info(
+                    "signal received; stopping (send again to stop at once)",
+                    signal=signal.Signals(signum).name,
+                )
+                shutdown.set()
+            else:
+                log.warning("second signal; exiting at once")
+                os._exit(128 + signum)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, _on_signal, signum)
+        await Agent(settings).run(shutdown)
+
+    asyncio.run(_main())
+    return 0
+
+
+def _cmd_dev_server(args: argparse.Namespace) -> int:
+    try:
+        from argus_agent.devserver import serve
+    except ImportError as exc:
+        raise ConfigError(
+            "the reference server needs the 'server' extra: "
+            f"pip install 'argus-agent[server]' ({exc})"
+        ) from None
+    configure("info")
+    serve(args.host, args.port, args.db, args.user, args.poll_interval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The daemon: ``Agent.run()`` goes through start-up, serving and shutdown.
+
+Start-up opens the state dir (ledger, job records, token), re-adopts jobs of an earlier run,
+binds the control socket and tells systemd it is ready. Serving runs the channel until the
+shutdown event is set. Shutdown stops the channel, leaves running jobs running and closes
+everything. Signals are the CLI's business: it sets the event (tests set it directly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from typing import Any
+
+from argus_agent import __version__
+from argus_agent.argus_api import ArgusClient
+from argus_agent.channels.poll import PollChannel
+from argus_agent.config import Settings
+from argus_agent.control import SOCKET_NAME, ControlServer
+from argus_agent.credentials import AgentCredentials, load_credentials
+from argus_agent.dispatcher import Dispatcher
+from argus_agent.errors import StateError
+from argus_agent.fsutil import ensure_private_dir
+from argus_agent.jobs.store import JobStore
+from argus_agent.jobs.supervisor import JobManager
+from argus_agent.ledger import CommandLedger
+from argus_agent.logsetup import get_logger
+from argus_agent.status import AgentState
+from argus_agent.systemd import Notifier, watchdog_interval_s
+
+log = get_logger(__name__)
+
+#: Acked commands are remembered this long (the server never redelivers acked ones).
+LEDGER_RETENTION_S = 30 * 86400
+SHUTDOWN_TIMEOUT_S = 10.0
+
+
+class Agent:
+    """One agent process. Build it, then ``await run(shutdown_event)``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        credentials: AgentCredentials | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.settings = settings
+        self.notifier = notifier or Notifier()
+        self._credentials = credentials
+        self.ledger: CommandLedger | None = None
+        self.jobs: JobManager | None = None
+        self.state: AgentState | None = None
+        self.ready = asyncio.Event()
+
+    def _load_credentials(self) -> AgentCredentials:
+        return load_credentials(self.settings.token_path)
+
+    async def run(self, shutdown: asyncio.Event) -> None:
+        """Run until ``shutdown`` is set. Raises StateError/ConfigError during start-up only."""
+        settings = self.settings
+        state_dir = settings.agent.state_dir
+        try:
+            ensure_private_dir(state_dir)
+        except OSError as exc:
+            raise StateError(f"{state_dir}: cannot create the state dir: {exc.strerror}") from None
+        creds = self._credentials or self._load_credentials()
+        if creds.server_url.rstrip("/") != settings.server.url:
+            log.warning(
+                "token file was issued by another server than the configured one",
+                token_server=creds.server_url,
+                configured=settings.server.url,
+            )
+        self.ledger = CommandLedger(state_dir / "state.db")
+        self.ledger.prune(LEDGER_RETENTION_S)
+        self.jobs = JobManager(
+            JobStore(state_dir / "jobs"), stop_grace_s=settings.jobs.stop_grace_s
+        )
+        adopted = self.jobs.adopt_existing()
+        self.state = AgentState(
+            version=__version__,
+            pid=os.getpid(),
+            started_at=time.time(),
+            server_url=settings.server.url,
+            agent_id=creds.agent_id,
+            hostname=settings.agent.hostname,
+            state_dir=str(state_dir),
+        )
+        client = ArgusClient(settings.server.url, timeout_s=settings.server.timeout_s)
+        dispatcher = Dispatcher(
+            self.ledger, self.jobs, settings.jobs, server_url=settings.server.url
+        )
+        channel = PollChannel(
+            client,
+            creds,
+            dispatcher,
+            self.state.channel,
+            settings.agent,
+            server_poll_interval_s=creds.poll_interval_s or 10.0,
+            reload_credentials=self._load_credentials if self._credentials is None else None,
+        )
+        control = ControlServer(state_dir / SOCKET_NAME, self.snapshot)
+        try:
+            await control.start()
+        except StateError as exc:
+            log.warning("status socket unavailable", error=str(exc))
+        log.info(
+            "agent started",
+            version=__version__,
+            agent_id=creds.agent_id,
+            server=settings.server.url,
+            hostname=settings.agent.hostname,
+            readopted_jobs=len(adopted),
+        )
+        self.notifier.ready(f"polling {settings.server.url}")
+        self.ready.set()
+        watchdog = asyncio.create_task(self._feed_watchdog(shutdown))
+        try:
+            await channel.run(shutdown)
+        finally:
+            log.info(
+                "agent stopping; running jobs are left running",
+                running_jobs=len(self.jobs.running()),
+            )
+            self.notifier.stopping()
+            watchdog.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    asyncio.gather(watchdog, return_exceptions=True), SHUTDOWN_TIMEOUT_S
+                )
+            await self.jobs.shutdown()
+            await control.close()
+            await client.aclose()
+            self.ledger.close()
+
+    async def _feed_watchdog(self, shutdown: asyncio.Event) -> None:
+        """Ping systemd's watchdog while the event loop runs; update STATUS with it."""
+        interval = watchdog_interval_s() or 30.0
+        while not shutdown.is_set():
+            if self.state is not None:
+                self.notifier.status(_one_line_status(self.state, self.jobs))
+            if watchdog_interval_s() is not None:
+                self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The status document served on the control socket."""
+        assert self.state is not None and self.jobs is not None and self.ledger is not None
+        data = self.state.to_dict()
+        data["uptime_s"] = round(time.time() - self.state.started_at, 1)
+        data["commands"] = self.ledger.counts()
+        data["jobs"] = [
+            {
+                "batch_id": r.batch_id,
+                "pid": r.pid,
+                "state": "running" if r.running else "ended",
+                "outcome": r.describe_exit(),
+                "launched_at": r.launched_at,
+                "ended_at": r.ended_at,
+                "requested_by": r.requested_by,
+                "command": r.command_line,
+                "log_path": r.log_path,
+            }
+            for r in self.jobs.records()
+        ]
+        return data
+
+
+def _one_line_status(state: AgentState, jobs: JobManager | None) -> str:
+    running = len(jobs.running()) if jobs else 0
+    return f"{state.channel.state}; {running} job(s) running"

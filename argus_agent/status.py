@@ -1,0 +1,56 @@
+"""The daemon's observable state: one mutable object the parts update, read by `status`.
+
+The channel writes connection facts; the control socket serialises a snapshot of it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class ChannelState:
+    """What the channel last saw of the server."""
+
+    kind: str = "poll"
+    state: str = "starting"  # connected | backing_off | rate_limited | auth_rejected | starting
+    last_ok_at: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    next_retry_at: float | None = None
+    poll_interval_s: float | None = None
+    last_heartbeat_at: float | None = None
+
+    def ok(self) -> None:
+        """Record a successful exchange."""
+        self.state = "connected"
+        self.last_ok_at = time.time()
+        self.next_retry_at = None
+
+    def failed(self, state: str, error: str, retry_in: float) -> None:
+        """Record a failed exchange and when the next try is due."""
+        now = time.time()
+        self.state = state
+        self.last_error = error
+        self.last_error_at = now
+        self.next_retry_at = now + retry_in
+
+
+@dataclass
+class AgentState:
+    """Everything `argus-agent status` shows, apart from the job table."""
+
+    version: str
+    pid: int
+    started_at: float
+    server_url: str
+    agent_id: str
+    hostname: str
+    state_dir: str
+    channel: ChannelState = field(default_factory=ChannelState)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON."""
+        return asdict(self)

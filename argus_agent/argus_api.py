@@ -9,6 +9,7 @@ Tokens travel only in the Authorization header and never appear in an exception 
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import time
 from typing import Any
@@ -58,6 +59,14 @@ class ArgusClient:
         if client is not None:
             await client.aclose()
 
+    def _fresh_connection(self) -> None:
+        """Make the next request open a new connection. The old pool is closed once requests
+        still in flight on it (e.g. a heartbeat) had time to finish."""
+        old, self._client = self._client, None
+        if old is not None:
+            loop = asyncio.get_running_loop()
+            loop.call_later(self._timeout.read or 10.0, lambda: loop.create_task(old.aclose()))
+
     async def _request(
         self, method: str, path: str, token: str, json: Any | None = None
     ) -> httpx.Response:
@@ -65,15 +74,15 @@ class ArgusClient:
         try:
             response = await self._http().request(method, path, json=json, headers=headers)
         except httpx.TimeoutException as exc:
-            await self.aclose()
+            self._fresh_connection()
             raise TransientServerError(
                 f"{method} {path}: timed out ({type(exc).__name__})"
             ) from None
         except httpx.TransportError as exc:
-            await self.aclose()
+            self._fresh_connection()
             raise TransientServerError(f"{method} {path}: {_transport_reason(exc)}") from None
         if response.status_code >= 500:
-            await self.aclose()
+            self._fresh_connection()
         if response.is_error:
             raise _error_for(method, path, response)
         return response

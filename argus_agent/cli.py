@@ -178,14 +178,15 @@ def _cmd_register(settings: Settings, args: argparse.Namespace) -> int:
     from argus_agent.credentials import read_user_token
     from argus_agent.registration import register_host
 
-    if args.token_file:
-        token = read_user_token(args.token_file)
+    token_file = args.token_file or settings.server.token_file
+    if token_file:
+        token = read_user_token(token_file)
     elif settings.server.token:
         token = settings.server.token
     else:
         raise ConfigError(
             "register needs an Argus reporter token: set ARGUS_TOKEN=em_live_... "
-            "or pass --token-file FILE"
+            "or pass --token-file FILE (or set server.token_file)"
         )
     creds = asyncio.run(register_host(settings, token, force=args.force))
     print(

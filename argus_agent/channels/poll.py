@@ -78,21 +78,42 @@ class PollChannel:
             await asyncio.gather(heartbeat, return_exceptions=True)
 
     async def poll_once(self) -> float:
-        """One exchange: pending acks, a poll, acting on what came. Returns the delay until
-        the next poll, chosen by what happened."""
+        """One exchange: a poll, acting on what came, then acks still pending. Returns the
+        delay until the next poll, chosen by what happened.
+
+        An ack that fails does not hold up polling (a stop must still get through); it stays
+        pending in the ledger and is sent again on the next exchange.
+        """
         try:
-            await self.dispatcher.flush_acks(self._ack)
             body = await self.client.poll(self.creds.agent_id, self.creds.agent_token)
-            for item in decode_commands(body):
-                await self.dispatcher.handle(item, self._ack)
+            items = decode_commands(body)
         except ServerError as exc:
             return self._failed(exc)
+        self._succeeded()
+        ack_error: ServerError | None = None
+        for item in items:
+            try:
+                await self.dispatcher.handle(item, self._ack)
+            except ServerError as exc:
+                ack_error = ack_error or exc
+        if ack_error is None:
+            try:
+                await self.dispatcher.flush_acks(self._ack)
+            except ServerError as exc:
+                ack_error = exc
+        if ack_error is not None:
+            if isinstance(ack_error, RateLimitedError | AgentTokenRejectedError | AuthError):
+                return self._failed(ack_error)
+            log.warning("ack failed; it stays pending and is sent again", error=str(ack_error))
+            self.state.last_error = str(ack_error)
+        return jittered(self.interval, 0.1, self.rng)
+
+    def _succeeded(self) -> None:
         if self.state.state not in ("connected", "starting"):
             log.info("connection to the server restored", server=self.client.base_url)
         self.state.ok()
         self.backoff.reset()
         self._auth_reported = False
-        return jittered(self.interval, 0.1, self.rng)
 
     def _failed(self, exc: ServerError) -> float:
         if isinstance(exc, RateLimitedError):

@@ -1,0 +1,66 @@
+"""Fixtures: a reference server on 127.0.0.1:0, a user of it, settings for an agent."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from argus_agent.config import Settings
+from argus_agent.devserver import DevServer
+from tests.support import HOST, ArgusUser
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never see the developer's own Argus settings."""
+    for name in list(os.environ):
+        if name.startswith("ARGUS_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[DevServer]:
+    srv = DevServer(db_path=tmp_path / "argus.sqlite", poll_interval_s=0.2, ingest_rate_limit=False)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def user_token(server: DevServer) -> str:
+    return server.create_user("alice")
+
+
+@pytest.fixture
+def argus(server: DevServer, user_token: str) -> Iterator[ArgusUser]:
+    user = ArgusUser(server.url, user_token)
+    yield user
+    user.close()
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, server: DevServer) -> Callable[..., Settings]:
+    """Settings for an agent with a short state-dir path (unix sockets have a length limit)."""
+
+    def build(**sections: dict[str, Any]) -> Settings:
+        overrides: dict[str, dict[str, Any]] = {
+            "server": {"url": server.url},
+            "agent": {
+                "state_dir": str(tmp_path / "st"),
+                "hostname": HOST,
+                "heartbeat_interval_s": 0.5,
+                "backoff_initial_s": 0.05,
+                "backoff_max_s": 0.5,
+                "auth_retry_s": 0.5,
+            },
+            "jobs": {"stop_grace_s": 2.0},
+        }
+        for section, values in sections.items():
+            overrides.setdefault(section, {}).update(values)
+        return Settings.model_validate(overrides)
+
+    return build

@@ -1,0 +1,174 @@
+"""Test helpers: an Argus user driving the reference server over HTTP, an agent running in
+the test's event loop, and polling for conditions (no fixed sleeps)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from argus_agent.config import Settings
+from argus_agent.credentials import load_credentials
+from argus_agent.daemon import Agent
+from argus_agent.registration import register_host
+
+T = TypeVar("T")
+HOST = socket.gethostname()
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+class ArgusUser:
+    """A person using the Argus server: records batches (as the SDK does), presses Rerun and
+    Stop, and reads the dev listings. Synchronous httpx on a real socket."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url
+        self.token = token
+        self.http = httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=10
+        )
+
+    def event(self, event_type: str, batch_id: str, data: dict, **source: Any) -> dict:
+        body = {
+            "event_id": uuid.uuid4().hex,
+            "schema_version": "1.1",
+            "event_type": event_type,
+            "timestamp": _now(),
+            "batch_id": batch_id,
+            "source": {"project": "demo", "host": HOST, **source},
+            "data": data,
+        }
+        response = self.http.post("/api/events", json=body)
+        response.raise_for_status()
+        return response.json()
+
+    def record_batch(
+        self,
+        command: str | None,
+        *,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        host: str = HOST,
+        done: bool = True,
+    ) -> str:
+        """Record a finished batch the way the SDK would; returns its id."""
+        batch_id = f"b-{uuid.uuid4().hex[:10]}"
+        self.event("batch_start", batch_id, {"command": command}, host=host, command=command)
+        if cwd is not None or env is not None:
+            self.event("env_snapshot", batch_id, {"cwd": cwd, "env": env}, host=host)
+        if done:
+            self.event("batch_done", batch_id, {"n_done": 1}, host=host)
+        return batch_id
+
+    def rerun(self, batch_id: str, overrides: dict | None = None) -> str:
+        response = self.http.post(
+            f"/api/batches/{batch_id}/rerun", json={"overrides": overrides or {}}
+        )
+        response.raise_for_status()
+        return response.json()["batch_id"]
+
+    def stop(self, batch_id: str) -> dict:
+        response = self.http.post(f"/api/batches/{batch_id}/stop")
+        response.raise_for_status()
+        return response.json()
+
+    def batch(self, batch_id: str) -> dict:
+        response = self.http.get(f"/api/batches/{batch_id}")
+        response.raise_for_status()
+        return response.json()
+
+    def commands(self, batch_id: str | None = None) -> list[dict]:
+        params = {"batch_id": batch_id} if batch_id else {}
+        response = self.http.get("/api/_dev/commands", params=params)
+        response.raise_for_status()
+        return response.json()
+
+    def command_for(self, batch_id: str, kind: str) -> dict | None:
+        found = [c for c in self.commands(batch_id) if c["kind"] == kind]
+        return found[-1] if found else None
+
+    def acked(self, batch_id: str, kind: str) -> dict | None:
+        """The command of ``kind`` for the batch once the agent acked it, else None."""
+        cmd = self.command_for(batch_id, kind)
+        return cmd if cmd and cmd["status"] in ("started", "failed") else None
+
+    def clear_faults(self) -> None:
+        self.http.delete("/api/_dev/faults").raise_for_status()
+
+    def fault(
+        self, path_prefix: str, status: int, count: int = 1, retry_after: float | None = None,
+        detail: str | None = None,
+    ) -> None:
+        body: dict[str, Any] = {"path_prefix": path_prefix, "status": status, "count": count}
+        if retry_after is not None:
+            body["retry_after"] = retry_after
+        if detail is not None:
+            body["detail"] = detail
+        self.http.post("/api/_dev/faults", json=body).raise_for_status()
+
+    def close(self) -> None:
+        self.http.close()
+
+
+async def eventually(
+    check: Callable[[], T | Awaitable[T]], *, timeout: float = 15.0, interval: float = 0.05,
+    what: str = "condition",
+) -> T:
+    """Call ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value {last!r}")
+
+
+class RunningAgent:
+    """An Agent running as a task in the test's loop; ``async with`` starts and stops it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.agent = Agent(settings)
+        self.shutdown = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> RunningAgent:
+        self.task = asyncio.create_task(self.agent.run(self.shutdown))
+        ready = asyncio.create_task(self.agent.ready.wait())
+        done, _ = await asyncio.wait({ready, self.task}, return_when=asyncio.FIRST_COMPLETED)
+        if self.task in done:
+            ready.cancel()
+            self.task.result()  # raises the start-up error
+        return self
+
+    async def stop(self) -> None:
+        self.shutdown.set()
+        if self.task is not None:
+            await asyncio.wait_for(self.task, 15)
+
+    async def __aexit__(self, *exc: object) -> None:
+        with contextlib.suppress(Exception):
+            await self.stop()
+
+
+async def register(settings: Settings, token: str, *, force: bool = False) -> str:
+    """Register the agent of ``settings``; returns its agent id."""
+    creds = await register_host(settings, token, force=force)
+    assert load_credentials(settings.token_path).agent_id == creds.agent_id
+    return creds.agent_id

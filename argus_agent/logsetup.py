@@ -15,7 +15,7 @@ from typing import Any, TextIO
 import structlog
 
 #: Argus tokens (reporter ``em_live_``, agent ``ag_live_``) and bearer headers.
-TOKEN_RE = re.compile(r"\b(em_live_|ag_live_)[A-Za-z0-9_\-]+|(Bearer\s+)[A-Za-z0-9._\-]+")
+TOKEN_RE = re.compile(r"(em_live_|ag_live_)[A-Za-z0-9_\-]+|(Bearer\s+)[A-Za-z0-9._\-]+")
 SECRET_KEYS = frozenset(
     {"token", "agent_token", "user_token", "authorization", "password", "secret", "jwt"}
 )

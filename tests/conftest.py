@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,14 @@ import pytest
 
 from argus_agent.config import Settings
 from argus_agent.devserver import DevServer
+from argus_agent.logsetup import configure
 from tests.support import HOST, ArgusUser
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _logging() -> None:
+    """Agent logs go through stdlib logging, so pytest's caplog sees them."""
+    configure("debug", stream=sys.stderr, json=False)
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import math
 import time
 from typing import Any
 
@@ -162,10 +163,13 @@ def retry_after_seconds(value: str | None, *, now: float | None = None) -> float
     try:
         seconds = float(value)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        if parsed is None:
+        try:
+            parsed = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
             return 1.0
         seconds = parsed.timestamp() - (now if now is not None else time.time())
+    if not math.isfinite(seconds):
+        return 1.0
     return max(0.0, min(seconds, MAX_RETRY_AFTER_S))
 
 
@@ -174,10 +178,7 @@ def _error_for(method: str, path: str, response: httpx.Response) -> ServerError:
     detail = _detail(response)
     where = f"{method} {path}: HTTP {status}: {detail}"
     if status == 429:
-        try:
-            wait = retry_after_seconds(response.headers.get("Retry-After"))
-        except (TypeError, ValueError):
-            wait = 1.0
+        wait = retry_after_seconds(response.headers.get("Retry-After"))
         return RateLimitedError(where, retry_after=wait, detail=detail)
     if status >= 500 or status in (408,):
         return TransientServerError(where, status=status, detail=detail)

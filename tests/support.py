@@ -108,7 +108,11 @@ class ArgusUser:
         self.http.delete("/api/_dev/faults").raise_for_status()
 
     def fault(
-        self, path_prefix: str, status: int, count: int = 1, retry_after: float | None = None,
+        self,
+        path_prefix: str,
+        status: int,
+        count: int = 1,
+        retry_after: float | None = None,
         detail: str | None = None,
     ) -> None:
         body: dict[str, Any] = {"path_prefix": path_prefix, "status": status, "count": count}
@@ -123,7 +127,10 @@ class ArgusUser:
 
 
 async def eventually(
-    check: Callable[[], T | Awaitable[T]], *, timeout: float = 15.0, interval: float = 0.05,
+    check: Callable[[], T | Awaitable[T]],
+    *,
+    timeout: float = 15.0,
+    interval: float = 0.05,
     what: str = "condition",
 ) -> T:
     """Call ``check`` until it returns something truthy; fail after ``timeout`` seconds."""

@@ -28,8 +28,13 @@ def _env(settings, **extra: str) -> dict[str, str]:
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "argus_agent.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "argus_agent.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
 
 
 async def test_run_status_and_sigterm_leaves_jobs_running(
@@ -39,12 +44,19 @@ async def test_run_status_and_sigterm_leaves_jobs_running(
     await register(settings, user_token)
     env = _env(settings)
     log_file = (tmp_path / "agent.log").open("w")
-    daemon = subprocess.Popen([sys.executable, "-m", "argus_agent.cli", "run"], env=env,
-                              stdout=log_file, stderr=subprocess.STDOUT)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "argus_agent.cli", "run"],
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+    )
     try:
         status = await eventually(
-            lambda: (r := _cli("status", "--json", env=env)).returncode == 0
-            and json.loads(r.stdout), what="status answer")
+            lambda: (
+                (r := _cli("status", "--json", env=env)).returncode == 0 and json.loads(r.stdout)
+            ),
+            what="status answer",
+        )
         assert status["pid"] == daemon.pid
         assert status["channel"]["state"] == "connected"
         batch = argus.rerun(argus.record_batch("sleep 60"))
@@ -67,15 +79,23 @@ async def test_run_status_and_sigterm_leaves_jobs_running(
             daemon.kill()
         log_file.close()
     # A restarted agent still knows the job and can stop it.
-    daemon = subprocess.Popen([sys.executable, "-m", "argus_agent.cli", "run"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "argus_agent.cli", "run"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         argus.stop(batch)
         cmd = await eventually(lambda: argus.acked(batch, "stop"), what="stop ack")
         assert cmd["status"] == "started"
-        await eventually(lambda: not psutil.pid_exists(job_pid)
-                         or psutil.Process(job_pid).status() == psutil.STATUS_ZOMBIE,
-                         what="job stopped")
+        await eventually(
+            lambda: (
+                not psutil.pid_exists(job_pid)
+                or psutil.Process(job_pid).status() == psutil.STATUS_ZOMBIE
+            ),
+            what="job stopped",
+        )
         daemon.send_signal(signal.SIGINT)
         daemon.send_signal(signal.SIGINT)
         started = time.monotonic()

@@ -23,50 +23,99 @@ def _error(tmp_path: Path, body: str, environ: dict[str, str] | None = None) -> 
 @pytest.mark.parametrize(
     ("body", "environ", "expected"),
     [
-        ('[server]\nurl = "ftp://x"\n', {},
-         "config.toml: server.url: expected an http:// or https:// URL, got 'ftp://x'"),
-        ('[server]\nurl = "http://argus.example.com"\n', {},
-         "config.toml: server.url: plain http:// to a non-loopback host sends tokens in clear "
-         "text; use https:// or set server.allow_insecure_http = true, got "
-         "'http://argus.example.com'"),
-        ('[agent]\npoll_interval_s = "soon"\n', {},
-         "config.toml: agent.poll_interval_s: expected a number, got 'soon'"),
-        ('[agent]\npoll_intervall_s = 5\n', {},
-         "config.toml: agent.poll_intervall_s: unknown key; expected one of auth_retry_s, "
-         "backoff_initial_s, backoff_max_s, heartbeat_interval_s, hostname, log_level, "
-         "poll_interval_s, state_dir"),
-        ('[sever]\nurl = "http://127.0.0.1"\n', {},
-         "config.toml: sever: unknown key; expected one of agent, jobs, server"),
-        ('[agent]\nlog_level = "loud"\n', {},
-         "config.toml: agent.log_level: expected one of 'debug', 'info', 'warning' or 'error', "
-         "got 'loud'"),
-        ('[jobs]\nstop_grace_s = -1\n', {},
-         "config.toml: jobs.stop_grace_s: expected a number >= 0.0, got -1"),
-        ('[jobs]\nshell = "sh -c"\n', {},
-         "config.toml: jobs.shell: expected an absolute path to the shell first, e.g. "
-         "['/bin/sh', '-c'], got 'sh -c'"),
-        ('[jobs]\ndefault_cwd = "relative"\n', {},
-         "config.toml: jobs.default_cwd: expected an absolute directory path, got 'relative'"),
-        ('[server]\nallow_insecure_http = "maybe"\n', {},
-         "config.toml: server.allow_insecure_http: expected true or false, got 'maybe'"),
-        ('[agent]\nbackoff_initial_s = 10\nbackoff_max_s = 2\n', {},
-         "config.toml: agent.backoff_max_s: expected a value >= agent.backoff_initial_s (10.0),"
-         " got 2"),
+        (
+            '[server]\nurl = "ftp://x"\n',
+            {},
+            "config.toml: server.url: expected an http:// or https:// URL, got 'ftp://x'",
+        ),
+        (
+            '[server]\nurl = "http://argus.example.com"\n',
+            {},
+            "config.toml: server.url: plain http:// to a non-loopback host sends tokens in clear "
+            "text; use https:// or set server.allow_insecure_http = true, got "
+            "'http://argus.example.com'",
+        ),
+        (
+            '[agent]\npoll_interval_s = "soon"\n',
+            {},
+            "config.toml: agent.poll_interval_s: expected a number, got 'soon'",
+        ),
+        (
+            "[agent]\npoll_intervall_s = 5\n",
+            {},
+            "config.toml: agent.poll_intervall_s: unknown key; expected one of auth_retry_s, "
+            "backoff_initial_s, backoff_max_s, heartbeat_interval_s, hostname, log_level, "
+            "poll_interval_s, state_dir",
+        ),
+        (
+            '[sever]\nurl = "http://127.0.0.1"\n',
+            {},
+            "config.toml: sever: unknown key; expected one of agent, jobs, server",
+        ),
+        (
+            '[agent]\nlog_level = "loud"\n',
+            {},
+            "config.toml: agent.log_level: expected one of 'debug', 'info', 'warning' or 'error', "
+            "got 'loud'",
+        ),
+        (
+            "[jobs]\nstop_grace_s = -1\n",
+            {},
+            "config.toml: jobs.stop_grace_s: expected a number >= 0.0, got -1",
+        ),
+        (
+            '[jobs]\nshell = "sh -c"\n',
+            {},
+            "config.toml: jobs.shell: expected an absolute path to the shell first, e.g. "
+            "['/bin/sh', '-c'], got 'sh -c'",
+        ),
+        (
+            '[jobs]\ndefault_cwd = "relative"\n',
+            {},
+            "config.toml: jobs.default_cwd: expected an absolute directory path, got 'relative'",
+        ),
+        (
+            '[server]\nallow_insecure_http = "maybe"\n',
+            {},
+            "config.toml: server.allow_insecure_http: expected true or false, got 'maybe'",
+        ),
+        (
+            "[agent]\nbackoff_initial_s = 10\nbackoff_max_s = 2\n",
+            {},
+            "config.toml: agent.backoff_max_s: expected a value >= agent.backoff_initial_s (10.0),"
+            " got 2",
+        ),
         ("server = 3\n", {}, "config.toml: server: expected a table, got 3"),
-        ("[agent\n", {}, "config.toml: invalid TOML: Expected ']' at the end of a table "
-         "declaration (at line 1, column 7)"),
-        ("", {"ARGUS_AGENT_JOBS_STOP_GRACE_S": "long"},
-         "environment ARGUS_AGENT_JOBS_STOP_GRACE_S: jobs.stop_grace_s: expected a number, "
-         "got 'long'"),
-        ("", {"ARGUS_AGENT_JOBS_GRACE": "3"},
-         "environment ARGUS_AGENT_JOBS_GRACE: jobs.grace: unknown key; expected one of "
-         "default_cwd, inherit_argus_token, shell, stop_grace_s"),
-        ("", {"ARGUS_URL": "argus.example.com"},
-         "environment ARGUS_URL: server.url: expected an http:// or https:// URL, "
-         "got 'argus.example.com'"),
-        ("", {"ARGUS_TOKEN": "ag_live_secret"},
-         "environment ARGUS_TOKEN: server.token: expected an Argus reporter token starting with "
-         "'em_live_', got '<redacted>'"),
+        (
+            "[agent\n",
+            {},
+            "config.toml: invalid TOML: Expected ']' at the end of a table "
+            "declaration (at line 1, column 7)",
+        ),
+        (
+            "",
+            {"ARGUS_AGENT_JOBS_STOP_GRACE_S": "long"},
+            "environment ARGUS_AGENT_JOBS_STOP_GRACE_S: jobs.stop_grace_s: expected a number, "
+            "got 'long'",
+        ),
+        (
+            "",
+            {"ARGUS_AGENT_JOBS_GRACE": "3"},
+            "environment ARGUS_AGENT_JOBS_GRACE: jobs.grace: unknown key; expected one of "
+            "default_cwd, inherit_argus_token, shell, stop_grace_s",
+        ),
+        (
+            "",
+            {"ARGUS_URL": "argus.example.com"},
+            "environment ARGUS_URL: server.url: expected an http:// or https:// URL, "
+            "got 'argus.example.com'",
+        ),
+        (
+            "",
+            {"ARGUS_TOKEN": "ag_live_secret"},
+            "environment ARGUS_TOKEN: server.token: expected an Argus reporter token starting with "
+            "'em_live_', got '<redacted>'",
+        ),
     ],
 )
 def test_each_mistake_is_one_line_naming_key_value_and_expectation(
@@ -79,7 +128,7 @@ def test_each_mistake_is_one_line_naming_key_value_and_expectation(
 
 
 def test_several_mistakes_give_one_line_each(tmp_path: Path) -> None:
-    message = _error(tmp_path, '[agent]\nlog_level = 3\nheartbeat_interval_s = 0\n')
+    message = _error(tmp_path, "[agent]\nlog_level = 3\nheartbeat_interval_s = 0\n")
     assert message.splitlines() == [
         "config.toml: agent.log_level: expected one of 'debug', 'info', 'warning' or 'error', "
         "got 3",
@@ -95,21 +144,28 @@ def test_missing_explicit_file_is_an_error_but_missing_default_is_not(
     monkeypatch.setenv("HOME", str(tmp_path))
     settings = load_settings(None, environ={})
     assert settings.server.url == "http://127.0.0.1:8000"
-    assert settings.agent.state_dir == Path.home() / ".argus-agent" or settings.agent.state_dir \
-        == Path("/var/lib/argus-agent")
+    assert (
+        settings.agent.state_dir == Path.home() / ".argus-agent"
+        or settings.agent.state_dir == Path("/var/lib/argus-agent")
+    )
 
 
 def test_precedence_file_then_section_env_then_argus_names(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
-    path.write_text('[server]\nurl = "https://file.example"\n[jobs]\nstop_grace_s = 5\n'
-                    '[agent]\nlog_level = "INFO"\n')
-    settings = load_settings(path, environ={
-        "ARGUS_AGENT_JOBS_STOP_GRACE_S": "7.5",
-        "ARGUS_AGENT_SERVER_URL": "https://section.example",
-        "ARGUS_URL": "https://sdk.example/",
-        "ARGUS_TOKEN": "em_live_abc",
-        "ARGUS_AGENT_JOBS_SHELL": '["/bin/bash", "-lc"]',
-    })
+    path.write_text(
+        '[server]\nurl = "https://file.example"\n[jobs]\nstop_grace_s = 5\n'
+        '[agent]\nlog_level = "INFO"\n'
+    )
+    settings = load_settings(
+        path,
+        environ={
+            "ARGUS_AGENT_JOBS_STOP_GRACE_S": "7.5",
+            "ARGUS_AGENT_SERVER_URL": "https://section.example",
+            "ARGUS_URL": "https://sdk.example/",
+            "ARGUS_TOKEN": "em_live_abc",
+            "ARGUS_AGENT_JOBS_SHELL": '["/bin/bash", "-lc"]',
+        },
+    )
     assert settings.server.url == "https://sdk.example"
     assert settings.server.token == "em_live_abc"
     assert settings.jobs.stop_grace_s == 7.5
@@ -134,7 +190,10 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     base = {k: v for k, v in os.environ.items() if not k.startswith("ARGUS_")}
     return subprocess.run(
         [sys.executable, "-m", "argus_agent.cli", *args],
-        capture_output=True, text=True, env={**base, **(env or {})}, timeout=60,
+        capture_output=True,
+        text=True,
+        env={**base, **(env or {})},
+        timeout=60,
     )
 
 

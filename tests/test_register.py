@@ -19,8 +19,13 @@ from tests.support import RunningAgent
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("ARGUS_")}
-    return subprocess.run([sys.executable, "-m", "argus_agent.cli", *args], capture_output=True,
-                          text=True, env={**base, **env}, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "argus_agent.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**base, **env},
+        timeout=60,
+    )
 
 
 def _env(settings) -> dict[str, str]:
@@ -87,9 +92,7 @@ async def test_register_with_unknown_user_token_raises_auth_error(make_settings)
         await register_host(make_settings(), "em_live_nobody", force=False)
 
 
-async def test_daemon_refuses_token_file_readable_by_others(
-    make_settings, user_token: str
-) -> None:
+async def test_daemon_refuses_token_file_readable_by_others(make_settings, user_token: str) -> None:
     settings = make_settings()
     await register_host(settings, user_token, force=False)
     os.chmod(settings.token_path, 0o644)

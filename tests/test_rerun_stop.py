@@ -81,8 +81,11 @@ async def test_stop_kills_whole_tree_including_grandchild(
         root = running.agent.jobs.get(new_batch)
         argus.stop(new_batch)
         started = time.monotonic()
-        await eventually(lambda: not any(_alive(p) for p in pids), timeout=2.0 + 1.0,
-                         what="the whole tree to die within grace + 1 s")
+        await eventually(
+            lambda: not any(_alive(p) for p in pids),
+            timeout=2.0 + 1.0,
+            what="the whole tree to die within grace + 1 s",
+        )
         assert time.monotonic() - started <= 3.0
         stop_cmd = await eventually(lambda: argus.acked(new_batch, "stop"), what="stop ack")
         assert stop_cmd["status"] == "started"
@@ -103,8 +106,12 @@ async def test_sigterm_ignoring_job_is_killed_after_grace(
     async with RunningAgent(settings) as running:
         new_batch = argus.rerun(source)
         await eventually(pid_file.exists, what="the job")
-        await eventually(lambda: "ignoring SIGTERM" in Path(
-            running.agent.jobs.get(new_batch).log_path).read_text(), what="handler installed")
+        await eventually(
+            lambda: (
+                "ignoring SIGTERM" in Path(running.agent.jobs.get(new_batch).log_path).read_text()
+            ),
+            what="handler installed",
+        )
         pid = int(pid_file.read_text())
         argus.stop(new_batch)
         stop_sent = time.monotonic()
@@ -170,8 +177,9 @@ async def test_redelivered_command_runs_once_also_after_restart(
     async with RunningAgent(settings) as running:
         new_batch = argus.rerun(source)
         await eventually(counter.exists, what="first launch")
-        await eventually(lambda: argus.command_for(new_batch, "rerun")["deliveries"] >= 3,
-                         what="redeliveries")
+        await eventually(
+            lambda: argus.command_for(new_batch, "rerun")["deliveries"] >= 3, what="redeliveries"
+        )
         pid = running.agent.jobs.get(new_batch).pid
         assert argus.acked(new_batch, "rerun") is None
     argus.clear_faults()
@@ -196,18 +204,30 @@ async def test_unknown_and_malformed_commands_are_refused(
         ("reboot", "b-1", {}, "command kind 'reboot' is not supported by this agent version"),
         ("rerun", "../../etc", {"command": "id"}, "unsafe shape"),
         ("rerun", "rerun-aaaaaaaaaaaa", {"command": ["rm", "-rf"]}, "expected a string"),
-        ("rerun", "rerun-bbbbbbbbbbbb", {"command": "id", "env": {"A=B": "x"}},
-         "not a valid variable name"),
-        ("rerun", "rerun-cccccccccccc", {"command": "id", "overrides": {"x": {"y": 1}}},
-         "expected a scalar"),
+        (
+            "rerun",
+            "rerun-bbbbbbbbbbbb",
+            {"command": "id", "env": {"A=B": "x"}},
+            "not a valid variable name",
+        ),
+        (
+            "rerun",
+            "rerun-cccccccccccc",
+            {"command": "id", "overrides": {"x": {"y": 1}}},
+            "expected a scalar",
+        ),
     ]
-    ids = [server.inject_command(agent_id, kind, batch, payload) for kind, batch, payload, _ in
-           hostile]
+    ids = [
+        server.inject_command(agent_id, kind, batch, payload) for kind, batch, payload, _ in hostile
+    ]
     async with RunningAgent(settings) as running:
         for cmd_id, (_, _, _, reason) in zip(ids, hostile, strict=True):
             cmd = await eventually(
-                lambda c=cmd_id: next((x for x in argus.commands() if x["id"] == c and
-                                       x["status"] != "pending"), None), what=reason)
+                lambda c=cmd_id: next(
+                    (x for x in argus.commands() if x["id"] == c and x["status"] != "pending"), None
+                ),
+                what=reason,
+            )
             assert cmd["status"] == "failed"
             assert reason in cmd["error"]
         assert running.agent.jobs.records() == []

@@ -23,8 +23,11 @@ async def test_rotated_token_is_reported_once_and_agent_keeps_running(
         # Someone registers the same host again elsewhere: the server rotates the token.
         await register_host(other, user_token, force=True)
         state = await eventually(
-            lambda: running.agent.state.channel.state == "auth_rejected"
-            and running.agent.state.channel, what="auth rejection")
+            lambda: (
+                running.agent.state.channel.state == "auth_rejected" and running.agent.state.channel
+            ),
+            what="auth rejection",
+        )
         assert "argus-agent register --force" in state.last_error
         await asyncio.sleep(1.5)  # several slow retries (auth_retry_s = 0.5 in tests)
         assert not running.task.done(), "the daemon must keep running"
@@ -32,8 +35,10 @@ async def test_rotated_token_is_reported_once_and_agent_keeps_running(
         assert len(errors) == 1, "logged once, not on every retry"
         # The operator re-registers this agent's state dir: the daemon picks the new token up.
         await register_host(settings, user_token, force=True)
-        await eventually(lambda: running.agent.state.channel.state == "connected",
-                         what="recovery with the new token")
+        await eventually(
+            lambda: running.agent.state.channel.state == "connected",
+            what="recovery with the new token",
+        )
 
 
 async def test_429_retry_after_is_honoured(
@@ -45,12 +50,18 @@ async def test_429_retry_after_is_honoured(
         await eventually(lambda: running.agent.state.channel.state == "connected", what="poll")
         argus.fault(f"/api/agents/{agent_id}/jobs", 429, count=1, retry_after=1.5)
         state = await eventually(
-            lambda: running.agent.state.channel.state == "rate_limited"
-            and running.agent.state.channel, what="429 seen")
+            lambda: (
+                running.agent.state.channel.state == "rate_limited" and running.agent.state.channel
+            ),
+            what="429 seen",
+        )
         limited_at = time.time()
         assert abs((state.next_retry_at - state.last_error_at) - 1.5) < 0.05
-        await eventually(lambda: (running.agent.state.channel.last_ok_at or 0) > limited_at,
-                         timeout=5, what="next good poll")
+        await eventually(
+            lambda: (running.agent.state.channel.last_ok_at or 0) > limited_at,
+            timeout=5,
+            what="next good poll",
+        )
         assert running.agent.state.channel.last_ok_at - limited_at >= 1.4
 
 
@@ -63,14 +74,16 @@ async def test_server_down_then_back_recovers_by_itself(
     async with RunningAgent(settings) as running:
         await eventually(lambda: running.agent.state.channel.state == "connected", what="poll")
         server.stop()
-        await eventually(lambda: running.agent.state.channel.state == "backing_off",
-                         what="outage noticed")
+        await eventually(
+            lambda: running.agent.state.channel.state == "backing_off", what="outage noticed"
+        )
         assert "cannot connect" in running.agent.state.channel.last_error
         back = DevServer(db_path=db, port=port, poll_interval_s=0.2, ingest_rate_limit=False)
         back.start()
         try:
-            await eventually(lambda: running.agent.state.channel.state == "connected",
-                             what="recovery")
+            await eventually(
+                lambda: running.agent.state.channel.state == "connected", what="recovery"
+            )
             # and it works for real: a rerun pressed now runs
             source = argus.record_batch("sleep 30")
             batch = argus.rerun(source)
@@ -91,8 +104,11 @@ async def test_500_is_retried_on_a_fresh_connection(
     async with RunningAgent(settings) as running:
         await eventually(lambda: running.agent.state.channel.state == "connected", what="poll")
         argus.fault(f"/api/agents/{agent_id}/jobs", 500, count=3)
-        await eventually(lambda: running.agent.state.channel.state == "backing_off",
-                         what="5xx seen")
-        await eventually(lambda: running.agent.state.channel.state == "connected",
-                         what="recovered after 3 failures")
+        await eventually(
+            lambda: running.agent.state.channel.state == "backing_off", what="5xx seen"
+        )
+        await eventually(
+            lambda: running.agent.state.channel.state == "connected",
+            what="recovered after 3 failures",
+        )
         assert "HTTP 500" in running.agent.state.channel.last_error

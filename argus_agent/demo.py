@@ -1,0 +1,190 @@
+"""`argus-agent demo`: the whole loop on loopback in under 30 seconds.
+
+Starts the reference server and an agent, records a sample batch the way Argus' SDK does,
+presses Rerun, shows the job running and its log, presses Stop, shows it stopped, and prints
+a summary. Nothing leaves 127.0.0.1; everything lives in a temp directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from argus_agent.config import Settings
+from argus_agent.daemon import Agent
+from argus_agent.errors import AgentError
+from argus_agent.registration import register_host
+
+SAMPLE_SCRIPT = """\
+import os, sys, time
+print("training", os.environ.get("ARGUS_BATCH_ID"), "args:", " ".join(sys.argv[1:]), flush=True)
+for epoch in range(1, 200):
+    print(f"epoch {epoch}: loss={1.0 / epoch:.4f}", flush=True)
+    time.sleep(0.4)
+"""
+
+
+class _Step:
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.timeline: list[tuple[float, str]] = []
+
+    def say(self, text: str) -> None:
+        elapsed = time.monotonic() - self.t0
+        self.timeline.append((elapsed, text))
+        print(f"[{elapsed:5.1f}s] {text}", flush=True)
+
+
+def run_demo(*, keep: bool = False) -> int:
+    """Run the demo; blocks up to about 30 s. Returns 0 when every step worked."""
+    try:
+        from argus_agent.devserver import DevServer
+    except ImportError as exc:
+        raise AgentError(
+            f"the demo needs the 'server' extra: pip install 'argus-agent[server]' ({exc})"
+        ) from None
+    workdir = Path(tempfile.mkdtemp(prefix="argus-demo-"))
+    server = DevServer(db_path=workdir / "argus.sqlite", poll_interval_s=0.5)
+    server.start()
+    try:
+        return asyncio.run(asyncio.wait_for(_demo(server, workdir), timeout=60))
+    finally:
+        server.stop()
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"kept {workdir}")
+
+
+async def _wait(check: Any, what: str, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await asyncio.to_thread(check)
+        if value:
+            return value
+        await asyncio.sleep(0.1)
+    raise AgentError(f"demo: timed out waiting for {what}")
+
+
+async def _demo(server: Any, workdir: Path) -> int:
+    step = _Step()
+    hostname = socket.gethostname()
+    token = server.create_user("alice")
+    step.say(f"reference Argus server listening on {server.url} (user alice)")
+    settings = Settings.model_validate(
+        {
+            "server": {"url": server.url},
+            "agent": {
+                "state_dir": str(workdir / "state"),
+                "hostname": hostname,
+                "heartbeat_interval_s": 2.0,
+            },
+            "jobs": {"stop_grace_s": 3.0},
+        }
+    )
+    creds = await register_host(settings, token, force=False)
+    step.say(f"registered host {hostname!r} as {creds.agent_id}; token in {settings.token_path}")
+    agent = Agent(settings)
+    shutdown = asyncio.Event()
+    agent_task = asyncio.create_task(agent.run(shutdown))
+    await asyncio.wait_for(agent.ready.wait(), 10)
+    step.say("agent running, polling the server for commands")
+
+    http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        project_dir = workdir / "project"
+        project_dir.mkdir()
+        (project_dir / "train.py").write_text(SAMPLE_SCRIPT)
+        command = f"{shlex.quote(sys.executable)} train.py --model tiny"
+        source = _record_batch(http, hostname, command, str(project_dir))
+        step.say(f"recorded batch {source}: `{command}` in {project_dir}")
+
+        answer = http.post(
+            f"/api/batches/{source}/rerun", json={"overrides": {"lr": 0.001, "optim.name": "adam"}}
+        )
+        answer.raise_for_status()
+        rerun = answer.json()["batch_id"]
+        step.say(f"pressed Rerun with overrides lr=0.001 optim.name=adam -> new batch {rerun}")
+
+        cmd = await _wait(lambda: _acked(http, rerun, "rerun"), "the rerun ack")
+        batch = http.get(f"/api/batches/{rerun}").json()
+        step.say(
+            f"agent acked {cmd['status']} with pid {cmd['pid']}; "
+            f"Argus shows the batch {batch['status']!r}"
+        )
+        record = agent.jobs.get(rerun) if agent.jobs else None
+        if record is None:
+            raise AgentError("demo: the agent has no job for the rerun")
+        log_path = Path(record.log_path)
+        await _wait(lambda: log_path.read_text().count("epoch") >= 4, "a few epochs", 10)
+        step.say(f"job log {log_path}:")
+        for line in log_path.read_text().splitlines()[:5]:
+            print(f"          | {line}")
+
+        http.post(f"/api/batches/{rerun}/stop").raise_for_status()
+        step.say("pressed Stop")
+        stop = await _wait(lambda: _acked(http, rerun, "stop"), "the stop ack")
+        ended = await agent.jobs.wait_ended(rerun, timeout=10)
+        step.say(
+            f"agent acked the stop ({stop['status']}, pid {stop['pid']}); "
+            f"job ended: {ended.describe_exit()}"
+        )
+        batch = http.get(f"/api/batches/{rerun}").json()
+        step.say(
+            f"Argus shows the batch {batch['status']!r} (v0.3.0 keeps it there until a "
+            "batch_done/batch_failed event; this agent version sends none yet)"
+        )
+        counts = agent.ledger.counts() if agent.ledger else {}
+    finally:
+        http.close()
+        shutdown.set()
+        await asyncio.wait_for(agent_task, 15)
+    print()
+    print("summary:")
+    print(f"  rerun of {source} ran as {rerun}: pid {ended.pid}")
+    print(f"  command line: {ended.command_line}")
+    print(f"  stop requested by {ended.stop_requested_by}, job {ended.describe_exit()}")
+    print(
+        f"  commands handled: {counts.get('acked', 0)} acked, "
+        f"{counts.get('to_ack', 0)} waiting to be acked; total {step.timeline[-1][0]:.1f}s"
+    )
+    return 0
+
+
+def _record_batch(http: httpx.Client, host: str, command: str, cwd: str) -> str:
+    batch_id = f"demo-{uuid.uuid4().hex[:8]}"
+    for event_type, data in (
+        ("batch_start", {"command": command, "experiment_type": "demo"}),
+        ("env_snapshot", {"cwd": cwd, "env": {"DEMO_GREETING": "hello from argus-agent"}}),
+        ("batch_done", {"n_done": 1, "n_failed": 0}),
+    ):
+        http.post(
+            "/api/events",
+            json={
+                "event_id": uuid.uuid4().hex,
+                "schema_version": "1.1",
+                "event_type": event_type,
+                "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                "batch_id": batch_id,
+                "source": {"project": "demo", "host": host, "user": "alice", "command": command},
+                "data": data,
+            },
+        ).raise_for_status()
+    return batch_id
+
+
+def _acked(http: httpx.Client, batch_id: str, kind: str) -> dict | None:
+    commands = http.get("/api/_dev/commands", params={"batch_id": batch_id}).json()
+    done = [c for c in commands if c["kind"] == kind and c["status"] in ("started", "failed")]
+    return done[-1] if done else None

@@ -1,0 +1,291 @@
+"""Event ingest and the batch rows it creates, following Argus v0.3.0's rules.
+
+* Events are de-duplicated by ``event_id``; a duplicate changes nothing.
+* ``batch_start`` creates the batch (status ``running``) or re-opens one that is not ``done``;
+  ``batch_done`` / ``batch_failed`` set ``done`` / ``failed`` whatever the status was
+  (``stopping`` included). Other batch/job events create a stub batch on first sight,
+  except ``resource_snapshot``, which never touches batches.
+* ``env_snapshot`` is kept on the batch, first write wins (the rerun payload copies its
+  ``cwd`` and ``env``).
+* A batch's owner is the user of the token that sent its first event.
+
+Every event kept is stored whole (for ``/api/_dev/events``).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+from pydantic import ValidationError
+
+from .schemas import DATA_MODELS, EventIn
+from .store import ApiError, Store, loads_or, row_dict, utcnow_iso
+
+SUPPORTED_SCHEMA_VERSIONS = ("1.1",)
+EVENT_ID_REQUIRED = (
+    "event_id is required on schema_version '1.1'. Generate a UUID client-side for each event."
+)
+_JOB_EVENTS_NEED_ID = {
+    "job_start": "job_start requires job_id",
+    "job_epoch": "job_epoch requires job_id",
+    "job_done": "job_done requires job_id",
+    "job_failed": "job_failed requires job_id",
+}
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, default=str, sort_keys=True)
+
+
+def ingest_one(store: Store, event: EventIn, owner_id: int) -> tuple[int, bool]:
+    """Store one event and apply its side effects in one transaction.
+
+    Returns ``(db_id, deduplicated)``. Raises :class:`ApiError` 415 (schema_version), 422
+    (missing event_id, bad ``data``) or 400 (job event without job_id); nothing is written then.
+    """
+    if event.schema_version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise ApiError(
+            415,
+            {
+                "message": "Unsupported schema_version",
+                "received": event.schema_version,
+                "supported": list(SUPPORTED_SCHEMA_VERSIONS),
+            },
+        )
+    if not event.event_id:
+        raise ApiError(422, EVENT_ID_REQUIRED)
+    with store.tx() as db:
+        row = db.execute("SELECT id FROM events WHERE event_id = ?", (event.event_id,)).fetchone()
+        if row is not None:
+            return int(row["id"]), True
+        model = DATA_MODELS.get(event.event_type)
+        if model is not None:
+            try:
+                model.model_validate(event.data)
+            except ValidationError as exc:
+                raise ApiError(422, json.loads(exc.json())) from exc
+        cur = db.execute(
+            "INSERT INTO events (event_id, batch_id, job_id, event_type, timestamp, "
+            "schema_version, source, data, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                event.event_id,
+                event.batch_id,
+                event.job_id,
+                event.event_type,
+                event.timestamp,
+                event.schema_version,
+                _dumps(event.source.model_dump()),
+                _dumps(event.data),
+                utcnow_iso(),
+            ),
+        )
+        _apply(db, event, owner_id)
+        return int(cur.lastrowid or 0), False
+
+
+def record_server_event(
+    db: sqlite3.Connection, batch_id: str, event_type: str, data: dict[str, Any], event_id: str
+) -> None:
+    """Write an event the server itself emits (``rerun_requested``, ``batch_stop_requested``)."""
+    now = utcnow_iso()
+    db.execute(
+        "INSERT INTO events (event_id, batch_id, job_id, event_type, timestamp, schema_version, "
+        "source, data, received_at) VALUES (?, ?, NULL, ?, ?, '1.1', NULL, ?, ?)",
+        (event_id, batch_id, event_type, now, _dumps(data), now),
+    )
+
+
+# ---------------------------------------------------------------- side effects
+
+
+def _apply(db: sqlite3.Connection, event: EventIn, owner_id: int) -> None:
+    kind = event.event_type
+    if kind in _JOB_EVENTS_NEED_ID and event.job_id is None:
+        raise ApiError(400, _JOB_EVENTS_NEED_ID[kind])
+    data = event.data
+    if kind == "batch_start":
+        _batch_start(db, event, owner_id)
+    elif kind in ("batch_done", "batch_failed"):
+        _stub_batch(db, event, owner_id)
+        status = "done" if kind == "batch_done" else "failed"
+        error = data.get("error") if kind == "batch_failed" else None
+        db.execute(
+            "UPDATE batches SET status = ?, end_time = ?, error = COALESCE(?, error) WHERE id = ?",
+            (status, event.timestamp, error, event.batch_id),
+        )
+    elif kind in ("job_start", "job_epoch", "job_done", "job_failed"):
+        _stub_batch(db, event, owner_id)
+        status = {
+            "job_start": "running",
+            "job_epoch": None,
+            "job_done": str(data.get("status") or "done").lower(),
+            "job_failed": "failed",
+        }[kind]
+        db.execute(
+            "INSERT INTO jobs (batch_id, job_id, status) VALUES (?, ?, 'running') "
+            "ON CONFLICT (batch_id, job_id) DO NOTHING",
+            (event.batch_id, event.job_id),
+        )
+        if status is not None:
+            db.execute(
+                "UPDATE jobs SET status = ? WHERE batch_id = ? AND job_id = ?",
+                (status, event.batch_id, event.job_id),
+            )
+    elif kind == "log_line":
+        _stub_batch(db, event, owner_id)
+    elif kind == "env_snapshot":
+        _stub_batch(db, event, owner_id)
+        db.execute(
+            "UPDATE batches SET env_snapshot = ? WHERE id = ? AND env_snapshot IS NULL",
+            (_dumps(data), event.batch_id),
+        )
+    # resource_snapshot: stored per host in the real server; here only as the raw event.
+
+
+def _stub_batch(db: sqlite3.Connection, event: EventIn, owner_id: int) -> None:
+    """Create the event's batch (status running) when it does not exist yet."""
+    src = event.source
+    db.execute(
+        "INSERT INTO batches (id, project, user, host, command, status, start_time, owner_id) "
+        "VALUES (?, ?, ?, ?, ?, 'running', ?, ?) ON CONFLICT (id) DO NOTHING",
+        (event.batch_id, src.project, src.user, src.host, src.command, event.timestamp, owner_id),
+    )
+
+
+def _batch_start(db: sqlite3.Connection, event: EventIn, owner_id: int) -> None:
+    src, data = event.source, event.data
+    old = row_dict(db.execute("SELECT * FROM batches WHERE id = ?", (event.batch_id,)).fetchone())
+    command = data.get("command") or src.command
+    if old is None:
+        db.execute(
+            "INSERT INTO batches (id, project, user, host, command, experiment_type, n_total, "
+            "status, start_time, end_time, owner_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, NULL, ?)",
+            (
+                event.batch_id,
+                src.project,
+                src.user,
+                src.host,
+                command,
+                data.get("experiment_type"),
+                data.get("n_total_jobs"),
+                event.timestamp,
+                owner_id,
+            ),
+        )
+        return
+    # Re-sent batch_start (resume): refresh metadata; re-open unless the batch is done.
+    reopen = (old["status"] or "").lower() != "done"
+    db.execute(
+        "UPDATE batches SET project = ?, user = ?, host = ?, command = ?, experiment_type = ?, "
+        "n_total = ?, status = ?, end_time = ?, owner_id = COALESCE(owner_id, ?) WHERE id = ?",
+        (
+            src.project,
+            src.user or old["user"],
+            src.host or old["host"],
+            command or old["command"],
+            data.get("experiment_type") or old["experiment_type"],
+            data.get("n_total_jobs", old["n_total"]),
+            "running" if reopen else old["status"],
+            None if reopen else old["end_time"],
+            owner_id,
+            event.batch_id,
+        ),
+    )
+
+
+# ---------------------------------------------------------------- reads
+
+
+def get_batch(store: Store, batch_id: str) -> dict[str, Any] | None:
+    """Return the batch as ``GET /api/batches/{id}`` shows it, or None. Changes nothing.
+
+    ``n_done`` / ``n_failed`` are counted from the batch's job rows, as the real server does.
+    """
+    with store.read() as db:
+        row = row_dict(
+            db.execute(
+                "SELECT b.*, u.username AS owner FROM batches b "
+                "LEFT JOIN users u ON u.id = b.owner_id WHERE b.id = ?",
+                (batch_id,),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        statuses = [
+            (r["status"] or "").lower()
+            for r in db.execute("SELECT status FROM jobs WHERE batch_id = ?", (batch_id,))
+        ]
+    return _batch_out(row, statuses)
+
+
+def _batch_out(row: dict[str, Any], statuses: list[str]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "experiment_type": row["experiment_type"],
+        "project": row["project"],
+        "user": row["user"],
+        "host": row["host"],
+        "command": row["command"],
+        "n_total": row["n_total"],
+        "n_done": sum(1 for s in statuses if s == "done"),
+        "n_failed": sum(1 for s in statuses if s == "failed"),
+        "status": row["status"],
+        "start_time": row["start_time"],
+        "end_time": row["end_time"],
+        "env_snapshot": loads_or(row["env_snapshot"], None),
+        "source_batch_id": row["source_batch_id"],
+        # Not in the real BatchOut; kept for tests and the demo.
+        "name": row["name"],
+        "owner": row["owner"],
+        "error": row["error"],
+    }
+
+
+def list_batches(store: Store) -> list[dict[str, Any]]:
+    """Return every batch (dev listing), oldest first. Changes nothing."""
+    with store.read() as db:
+        rows = db.execute(
+            "SELECT b.*, u.username AS owner FROM batches b "
+            "LEFT JOIN users u ON u.id = b.owner_id ORDER BY b.rowid"
+        ).fetchall()
+        jobs: dict[str, list[str]] = {}
+        for r in db.execute("SELECT batch_id, status FROM jobs"):
+            jobs.setdefault(r["batch_id"], []).append((r["status"] or "").lower())
+    return [_batch_out(row_dict(r) or {}, jobs.get(r["id"], [])) for r in rows]
+
+
+def list_events(store: Store, batch_id: str | None = None) -> list[dict[str, Any]]:
+    """Return stored events (all, or those of *batch_id*) in arrival order. Changes nothing."""
+    sql = "SELECT * FROM events"
+    args: tuple[Any, ...] = ()
+    if batch_id is not None:
+        sql += " WHERE batch_id = ?"
+        args = (batch_id,)
+    with store.read() as db:
+        rows = db.execute(sql + " ORDER BY id", args).fetchall()
+    return [
+        {
+            "db_id": r["id"],
+            "event_id": r["event_id"],
+            "event_type": r["event_type"],
+            "batch_id": r["batch_id"],
+            "job_id": r["job_id"],
+            "timestamp": r["timestamp"],
+            "schema_version": r["schema_version"],
+            "source": loads_or(r["source"], None),
+            "data": loads_or(r["data"], {}),
+            "received_at": r["received_at"],
+        }
+        for r in rows
+    ]
+
+
+def set_batch_status(store: Store, batch_id: str, status: str) -> None:
+    """Force *batch_id*'s status (dev only). Raises ApiError 404 when the batch is unknown."""
+    with store.tx() as db:
+        cur = db.execute("UPDATE batches SET status = ? WHERE id = ?", (status, batch_id))
+        if cur.rowcount == 0:
+            raise ApiError(404, "batch not found")

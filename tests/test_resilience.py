@@ -41,6 +41,26 @@ async def test_rotated_token_is_reported_once_and_agent_keeps_running(
         )
 
 
+async def test_new_token_is_picked_up_without_waiting_for_the_slow_retry(
+    make_settings, user_token: str, tmp_path
+) -> None:
+    settings = make_settings(agent={"auth_retry_s": 600})
+    await register(settings, user_token)
+    other = make_settings(agent={"state_dir": str(tmp_path / "other")})
+    async with RunningAgent(settings) as running:
+        await eventually(lambda: running.agent.state.channel.state == "connected", what="poll")
+        await register_host(other, user_token, force=True)
+        await eventually(
+            lambda: running.agent.state.channel.state == "auth_rejected", what="auth rejection"
+        )
+        await register_host(settings, user_token, force=True)
+        await eventually(
+            lambda: running.agent.state.channel.state == "connected",
+            timeout=5,
+            what="recovery long before auth_retry_s",
+        )
+
+
 async def test_429_retry_after_is_honoured(
     argus: ArgusUser, make_settings, user_token: str, server: DevServer
 ) -> None:

@@ -34,6 +34,8 @@ from argus_agent.status import ChannelState
 
 log = get_logger(__name__)
 
+#: While the token is rejected, how often the token file is checked for a new token.
+TOKEN_WATCH_S = 1.0
 FIX_TOKEN = "run `argus-agent register --force` on this host to get a new agent token"
 
 
@@ -62,6 +64,7 @@ class PollChannel:
         self.rng = rng or random.Random()
         self.backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s, rng=self.rng)
         self._auth_reported = False
+        self._reload_error: str | None = None
         self.state.kind = "poll"
         self.state.poll_interval_s = self.interval
 
@@ -71,7 +74,10 @@ class PollChannel:
         try:
             while not shutdown.is_set():
                 delay = await self.poll_once()
-                if await sleep_unless(shutdown, delay):
+                if self.state.state == "auth_rejected":
+                    if await self._sleep_watching_token(shutdown, delay):
+                        break
+                elif await sleep_unless(shutdown, delay):
                     break
         finally:
             heartbeat.cancel()
@@ -132,13 +138,22 @@ class PollChannel:
                     detail=exc.detail,
                     retry_in_s=delay,
                 )
-            if self._reload():
-                return 0.0
             return delay
         delay = self.backoff.next_delay()
         self.state.failed("backing_off", str(exc), delay)
         log.warning("server exchange failed; retrying", error=str(exc), retry_in_s=round(delay, 3))
         return delay
+
+    async def _sleep_watching_token(self, shutdown: asyncio.Event, delay: float) -> bool:
+        """Sleep ``delay`` seconds, ending early when `register --force` wrote a new token.
+        Returns True when shutdown was requested."""
+        deadline = time.monotonic() + delay
+        while (left := deadline - time.monotonic()) > 0:
+            if await sleep_unless(shutdown, min(TOKEN_WATCH_S, left)):
+                return True
+            if self._reload():
+                return False
+        return shutdown.is_set()
 
     def _reload(self) -> bool:
         """Pick up a token written by `register --force` since we started; True if new."""
@@ -147,8 +162,11 @@ class PollChannel:
         try:
             fresh = self.reload_credentials()
         except AgentError as exc:
-            log.warning("cannot re-read the token file", error=str(exc))
+            if str(exc) != self._reload_error:
+                self._reload_error = str(exc)
+                log.warning("cannot re-read the token file", error=str(exc))
             return False
+        self._reload_error = None
         if fresh is None or fresh.agent_token == self.creds.agent_token:
             return False
         log.info("new agent token found in the token file; retrying now")

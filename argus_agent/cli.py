@@ -14,13 +14,12 @@ import json
 import os
 import signal
 import sys
-import time
 import traceback
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-from argus_agent import __version__
+from argus_agent import __version__, views
 from argus_agent.config import Settings, default_config_path, load_settings, redacted_dump
 from argus_agent.errors import AgentError, ConfigError, StateError
 from argus_agent.logsetup import configure, get_logger, redact_text
@@ -65,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     st = sub.add_parser("status", parents=[common], help="show what the running agent is doing")
     st.add_argument("--json", action="store_true", help="print the raw status document")
+    sub.add_parser("jobs", parents=[common], help="list the jobs this host's agent knows")
+    logs = sub.add_parser("logs", parents=[common], help="print a job's log")
+    logs.add_argument("batch_id", help="the Argus batch id of the job (the rerun batch)")
+    logs.add_argument(
+        "-f", "--follow", action="store_true", help="keep printing new output until the job ends"
+    )
+    logs.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
     cfg = sub.add_parser("config", parents=[common], help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     cfg_sub.add_parser(
@@ -157,6 +163,19 @@ def _dispatch(command: str, args: argparse.Namespace) -> int:
         return _cmd_register(settings, args)
     if command == "status":
         return _cmd_status(settings, as_json=args.json)
+    if command in ("jobs", "logs"):
+        from argus_agent.jobs.store import JobStore
+
+        jobs_dir = settings.agent.state_dir / "jobs"
+        views.state_dir_readable(settings.agent.state_dir)
+        if not jobs_dir.is_dir():
+            raise StateError(f"{jobs_dir}: no jobs recorded on this host yet")
+        store = JobStore(jobs_dir)
+        if command == "jobs":
+            print(views.format_jobs(store.load_all()))
+        else:
+            views.print_log(store, args.batch_id, tail=args.tail, follow=args.follow)
+        return 0
     return _cmd_run(settings)
 
 
@@ -203,50 +222,8 @@ def _cmd_status(settings: Settings, *, as_json: bool) -> int:
     if as_json:
         print(json.dumps(status, indent=2))
         return 0
-    print(format_status(status))
+    print(views.format_status(status))
     return 0 if status.get("channel", {}).get("state") == "connected" else 1
-
-
-def format_status(status: dict) -> str:
-    """Render a status document as a few readable lines."""
-    ch = status.get("channel", {})
-    lines = [
-        f"argus-agent {status.get('version')} pid {status.get('pid')} "
-        f"up {_ago(status.get('uptime_s'))} on {status.get('hostname')}",
-        f"server   {status.get('server_url')} as {status.get('agent_id')} ({ch.get('kind')})",
-        f"channel  {ch.get('state')}"
-        + (f", last ok {_since(ch.get('last_ok_at'))} ago" if ch.get("last_ok_at") else ""),
-    ]
-    if ch.get("state") != "connected" and ch.get("last_error"):
-        lines.append(f"error    {ch['last_error']}")
-    counts = status.get("commands", {})
-    lines.append(
-        "commands " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-        if counts
-        else "commands none yet"
-    )
-    jobs = status.get("jobs", [])
-    lines.append(
-        f"jobs     {sum(j['state'] == 'running' for j in jobs)} running, {len(jobs)} known"
-    )
-    for job in jobs[:20]:
-        lines.append(f"  {job['batch_id']:<24} pid {job['pid']:<8} {job['outcome']}")
-    return "\n".join(lines)
-
-
-def _since(ts: float | None) -> str:
-    return _ago(time.time() - ts) if ts else "never"
-
-
-def _ago(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(seconds)
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
 def _cmd_run(settings: Settings) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import shlex
 import socket
 import tomllib
@@ -28,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from argus_agent.errors import ConfigError
 
 ENV_PREFIX = "ARGUS_AGENT_"
+USER_NAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$", re.IGNORECASE)
 SYSTEM_CONFIG_PATH = Path("/etc/argus-agent/config.toml")
 SYSTEM_STATE_DIR = Path("/var/lib/argus-agent")
 
@@ -107,6 +109,7 @@ class AgentSettings(_Section):
     backoff_initial_s: float = Field(default=1.0, gt=0, le=60)
     backoff_max_s: float = Field(default=60.0, gt=0, le=3600)
     auth_retry_s: float = Field(default=300.0, gt=0, le=86400)
+    host_aliases: list[str] = Field(default_factory=list)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -123,13 +126,52 @@ class AgentSettings(_Section):
         return self
 
 
+#: Variables that change what gets executed or how a shell starts; dropped from a rerun's
+#: recorded environment by default. A trailing ``*`` matches a prefix.
+DEFAULT_ENV_DENY = (
+    "LD_PRELOAD",
+    "LD_AUDIT",
+    "LD_PROFILE",
+    "LD_DEBUG_OUTPUT",
+    "LD_ORIGIN_PATH",
+    "LD_DYNAMIC_WEAK",
+    "GCONV_PATH",
+    "GETCONF_DIR",
+    "MALLOC_TRACE",
+    "BASH_ENV",
+    "ENV",
+    "SHELLOPTS",
+    "BASHOPTS",
+    "PS4",
+    "IFS",
+    "PROMPT_COMMAND",
+    "BASH_FUNC_*",
+    "PYTHONSTARTUP",
+    "PYTHONINSPECT",
+    "PERL5OPT",
+    "PERL5DB",
+    "RUBYOPT",
+    "NODE_OPTIONS",
+    "JAVA_TOOL_OPTIONS",
+)
+
+
 class JobSettings(_Section):
-    """How relaunched runs are started and stopped."""
+    """How relaunched runs are started, run, logged and stopped."""
 
     shell: list[str] = Field(default_factory=lambda: ["/bin/sh", "-c"], min_length=1)
     default_cwd: Path | None = None
     stop_grace_s: float = Field(default=20.0, ge=0, le=3600)
     inherit_argus_token: bool = False
+    run_as: str | None = None
+    users: dict[str, str] = Field(default_factory=dict)
+    allow_root: bool = False
+    env_deny: list[str] = Field(default_factory=lambda: list(DEFAULT_ENV_DENY))
+    max_command_age_s: float = Field(default=3600.0, gt=0)
+    max_jobs: int | None = Field(default=None, ge=1)
+    log_max_bytes: int = Field(default=1 << 30, ge=4096)
+    kill_leftovers: bool = True
+    retention_days: float = Field(default=14.0, gt=0)
 
     @field_validator("shell", mode="before")
     @classmethod
@@ -150,6 +192,21 @@ class JobSettings(_Section):
     def _absolute_cwd(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_absolute():
             raise ValueError("expected an absolute directory path")
+        return value
+
+    @field_validator("run_as")
+    @classmethod
+    def _user_name(cls, value: str | None) -> str | None:
+        if value is not None and not USER_NAME_RE.match(value):
+            raise ValueError("expected an OS user name")
+        return value
+
+    @field_validator("users")
+    @classmethod
+    def _user_map(cls, value: dict[str, str]) -> dict[str, str]:
+        for argus_user, os_user in value.items():
+            if not USER_NAME_RE.match(os_user):
+                raise ValueError(f"{argus_user}: expected an OS user name")
         return value
 
 
@@ -297,9 +354,9 @@ def _describe(exc: ValidationError, origin: dict[tuple[str, ...], str], label: s
         message = _expected(error)
         value = error.get("input")
         head, sep, tail = message.partition(": ")
-        if sep and head.isidentifier() and isinstance(value, dict) and len(loc) == 1:
-            # A section-level validator names the key it is about: "url: expected ...".
-            loc, message, value = [loc[0], head], tail, value.get(head)
+        if sep and isinstance(value, dict) and head in value:
+            # A validator of a table names the key it is about: "url: expected ...".
+            loc, message, value = [*loc, head], tail, value.get(head)
         key = ".".join(loc)
         source = origin.get(tuple(loc[:2]), label)
         if error["type"] == "extra_forbidden":

@@ -16,6 +16,7 @@ from typing import Any
 
 from argus_agent import __version__
 from argus_agent.argus_api import ArgusClient
+from argus_agent.audit import AuditLog
 from argus_agent.channels.poll import PollChannel
 from argus_agent.config import Settings
 from argus_agent.control import SOCKET_NAME, ControlServer
@@ -35,6 +36,7 @@ log = get_logger(__name__)
 #: Acked commands are remembered this long (the server never redelivers acked ones).
 LEDGER_RETENTION_S = 30 * 86400
 SHUTDOWN_TIMEOUT_S = 10.0
+PRUNE_EVERY_S = 3600.0
 
 
 class Agent:
@@ -75,10 +77,9 @@ class Agent:
             )
         self.ledger = CommandLedger(state_dir / "state.db")
         self.ledger.prune(LEDGER_RETENTION_S)
-        self.jobs = JobManager(
-            JobStore(state_dir / "jobs"), stop_grace_s=settings.jobs.stop_grace_s
-        )
-        adopted = self.jobs.adopt_existing()
+        self.jobs = JobManager(JobStore(state_dir / "jobs"), settings.jobs)
+        adopted, ended_meanwhile = self.jobs.adopt_existing()
+        self.jobs.prune(settings.jobs.retention_days * 86400)
         self.state = AgentState(
             version=__version__,
             pid=os.getpid(),
@@ -89,9 +90,7 @@ class Agent:
             state_dir=str(state_dir),
         )
         client = ArgusClient(settings.server.url, timeout_s=settings.server.timeout_s)
-        dispatcher = Dispatcher(
-            self.ledger, self.jobs, settings.jobs, server_url=settings.server.url
-        )
+        dispatcher = Dispatcher(self.ledger, self.jobs, settings, AuditLog(state_dir / "audit.log"))
         channel = PollChannel(
             client,
             creds,
@@ -113,10 +112,11 @@ class Agent:
             server=settings.server.url,
             hostname=settings.agent.hostname,
             readopted_jobs=len(adopted),
+            ended_while_away=len(ended_meanwhile),
         )
         self.notifier.ready(f"polling {settings.server.url}")
         self.ready.set()
-        watchdog = asyncio.create_task(self._feed_watchdog(shutdown))
+        watchdog = asyncio.create_task(self._housekeeping(shutdown))
         try:
             await channel.run(shutdown)
         finally:
@@ -135,14 +135,20 @@ class Agent:
             await client.aclose()
             self.ledger.close()
 
-    async def _feed_watchdog(self, shutdown: asyncio.Event) -> None:
-        """Ping systemd's watchdog while the event loop runs; update STATUS with it."""
-        interval = watchdog_interval_s() or 30.0
+    async def _housekeeping(self, shutdown: asyncio.Event) -> None:
+        """Ping systemd's watchdog while the event loop runs, update STATUS, and prune old
+        jobs and acked commands once an hour."""
+        interval = min(watchdog_interval_s() or 30.0, 30.0)
+        next_prune = time.monotonic() + PRUNE_EVERY_S
         while not shutdown.is_set():
             if self.state is not None:
                 self.notifier.status(_one_line_status(self.state, self.jobs))
             if watchdog_interval_s() is not None:
                 self.notifier.watchdog()
+            if time.monotonic() >= next_prune and self.jobs and self.ledger:
+                next_prune = time.monotonic() + PRUNE_EVERY_S
+                self.jobs.prune(self.settings.jobs.retention_days * 86400)
+                self.ledger.prune(LEDGER_RETENTION_S)
             await asyncio.sleep(interval)
 
     def snapshot(self) -> dict[str, Any]:
@@ -155,7 +161,8 @@ class Agent:
             {
                 "batch_id": r.batch_id,
                 "pid": r.pid,
-                "state": "running" if r.running else "ended",
+                "run_as": r.run_as,
+                "state": r.state,
                 "outcome": r.describe_exit(),
                 "launched_at": r.launched_at,
                 "ended_at": r.ended_at,

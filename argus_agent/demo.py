@@ -8,6 +8,7 @@ a summary. Nothing leaves 127.0.0.1; everything lives in a temp directory.
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import shutil
 import socket
@@ -82,6 +83,12 @@ async def _demo(server: Any, workdir: Path) -> int:
     hostname = socket.gethostname()
     token = server.create_user("alice")
     step.say(f"reference Argus server listening on {server.url} (user alice)")
+    jobs: dict[str, Any] = {"stop_grace_s": 3.0}
+    if os.geteuid() == 0:
+        # A system agent maps Argus users to OS users and refuses root unless allowed;
+        # run as root, the demo allows root for its own sample job.
+        jobs.update(run_as="root", allow_root=True)
+        step.say("running as root: the demo sets jobs.run_as = 'root' and jobs.allow_root")
     settings = Settings.model_validate(
         {
             "server": {"url": server.url},
@@ -90,7 +97,7 @@ async def _demo(server: Any, workdir: Path) -> int:
                 "hostname": hostname,
                 "heartbeat_interval_s": 2.0,
             },
-            "jobs": {"stop_grace_s": 3.0},
+            "jobs": jobs,
         }
     )
     creds = await register_host(settings, token, force=False)
@@ -118,6 +125,8 @@ async def _demo(server: Any, workdir: Path) -> int:
         step.say(f"pressed Rerun with overrides lr=0.001 optim.name=adam -> new batch {rerun}")
 
         cmd = await _wait(lambda: _acked(http, rerun, "rerun"), "the rerun ack")
+        if cmd["status"] != "started":
+            raise AgentError(f"demo: the agent refused the rerun: {cmd['error']}")
         batch = http.get(f"/api/batches/{rerun}").json()
         step.say(
             f"agent acked {cmd['status']} with pid {cmd['pid']}; "
@@ -154,7 +163,7 @@ async def _demo(server: Any, workdir: Path) -> int:
     print("summary:")
     print(f"  rerun of {source} ran as {rerun}: pid {ended.pid}")
     print(f"  command line: {ended.command_line}")
-    print(f"  stop requested by {ended.stop_requested_by}, job {ended.describe_exit()}")
+    print(f"  job: {ended.describe_exit()}")
     print(
         f"  commands handled: {counts.get('acked', 0)} acked, "
         f"{counts.get('to_ack', 0)} waiting to be acked; total {step.timeline[-1][0]:.1f}s"

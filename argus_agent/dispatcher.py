@@ -9,12 +9,14 @@ sent is retried by ``flush_acks`` until the server has it.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
 
-from argus_agent.config import JobSettings
+from argus_agent.audit import AuditLog
+from argus_agent.config import Settings
 from argus_agent.errors import ConflictError, JobError, NotFoundError
-from argus_agent.jobs.spec import build_launch_spec, job_base_env
+from argus_agent.jobs.policy import UserDb
+from argus_agent.jobs.spec import HostFacts, build_launch_spec, current_home, job_base_env
 from argus_agent.jobs.supervisor import JobManager
 from argus_agent.ledger import CommandLedger
 from argus_agent.logsetup import get_logger
@@ -37,20 +39,22 @@ class Dispatcher:
         self,
         ledger: CommandLedger,
         jobs: JobManager,
-        job_settings: JobSettings,
+        settings: Settings,
+        audit: AuditLog,
         *,
-        server_url: str,
         environ: Mapping[str, str] | None = None,
+        userdb: UserDb | None = None,
     ) -> None:
         self.ledger = ledger
         self.jobs = jobs
-        self.job_settings = job_settings
-        self.server_url = server_url
+        self.settings = settings
+        self.audit = audit
+        self.userdb = userdb or UserDb()
         self.base_env = job_base_env(
             os.environ if environ is None else environ,
-            keep_argus_token=job_settings.inherit_argus_token,
+            keep_argus_token=settings.jobs.inherit_argus_token,
         )
-        self.home = Path.home()
+        self.home = current_home()
 
     async def handle(self, item: Command | MalformedCommand, ack: AckFn) -> None:
         """Act on one delivered command (unless done before) and ack its result.
@@ -63,7 +67,11 @@ class Dispatcher:
         entry = self.ledger.get(item.id)
         if entry is None:
             if self.ledger.begin(item.id, item.kind, item.batch_id):
-                status, pid, error = await self._act(item)
+                try:
+                    status, pid, error = await self._act(item)
+                except Exception as exc:  # a bug must cost one command, not the daemon
+                    log.exception("command handling failed", cmd_id=item.id, kind=item.kind)
+                    status, pid, error = self._outcome_after_error(item, exc)
                 self.ledger.record_result(item.id, status, pid=pid, error=error)
         elif entry.phase == "acting":
             # Claimed in an earlier life that died before recording a result.
@@ -76,6 +84,15 @@ class Dispatcher:
             log.debug("command redelivered after ack; ignored", cmd_id=item.id)
             return
         await self._send_ack(item.id, ack)
+
+    def _outcome_after_error(
+        self, command: Command, exc: Exception
+    ) -> tuple[AckStatus, int | None, str | None]:
+        """What to ack after an unexpected error: ``started`` if the job runs anyway."""
+        record = self.jobs.get(command.batch_id)
+        if command.kind == "rerun" and record is not None and record.cmd_id == command.id:
+            return "started", record.pid, None
+        return "failed", None, f"agent error: {type(exc).__name__}: {exc}"
 
     async def flush_acks(self, ack: AckFn) -> None:
         """Send every ack still pending in the ledger (e.g. after an outage or a restart)."""
@@ -93,25 +110,18 @@ class Dispatcher:
             await self._send_ack(item.cmd_id, ack)
 
     async def _act(self, command: Command) -> tuple[AckStatus, int | None, str | None]:
+        requested_by = command.payload.get("requested_by")
+        who = requested_by if isinstance(requested_by, str) else None
         if command.kind not in KNOWN_KINDS:
             reason = f"command kind {command.kind[:64]!r} is not supported by this agent version"
             log.warning("unknown command kind", cmd_id=command.id, kind=command.kind)
+            self._audit("refuse", command, who, reason=reason)
             return "failed", None, reason
         try:
             if command.kind == "rerun":
-                spec = build_launch_spec(
-                    command,
-                    settings=self.job_settings,
-                    base_env=self.base_env,
-                    server_url=self.server_url,
-                    home=self.home,
-                )
-                record = await self.jobs.launch(spec)
-                return "started", record.pid, None
-            requested_by = command.payload.get("requested_by")
-            record = await self.jobs.stop(
-                command.batch_id, requested_by if isinstance(requested_by, str) else None
-            )
+                return await self._rerun(command, who)
+            record = await self.jobs.stop(command.batch_id, who)
+            self._audit("stop", command, who, pid=record.pid, run_as=record.run_as)
             return "started", record.pid, None
         except JobError as exc:
             log.warning(
@@ -121,10 +131,59 @@ class Dispatcher:
                 batch_id=command.batch_id,
                 reason=str(exc),
             )
+            self._audit("refuse", command, who, reason=str(exc))
             return "failed", None, str(exc)
         except OSError as exc:
             log.error("command failed", cmd_id=command.id, kind=command.kind, error=str(exc))
+            self._audit("refuse", command, who, reason=f"agent error: {exc}")
             return "failed", None, f"agent error: {exc}"
+
+    async def _rerun(
+        self, command: Command, who: str | None
+    ) -> tuple[AckStatus, int | None, str | None]:
+        facts = HostFacts(
+            agent_uid=os.geteuid(),
+            now=time.time(),
+            running_jobs=len(self.jobs.running()),
+            home=self.home,
+        )
+        spec = build_launch_spec(
+            command,
+            settings=self.settings,
+            base_env=self.base_env,
+            facts=facts,
+            userdb=self.userdb,
+        )
+        record = await self.jobs.launch(spec)
+        self._audit(
+            "launch",
+            command,
+            who,
+            pid=record.pid,
+            run_as=spec.identity.user,
+            uid=spec.identity.uid,
+            command=spec.command_line,
+            cwd=str(spec.cwd),
+            dropped_env=list(spec.dropped_env),
+            source_batch_id=spec.source_batch_id,
+        )
+        if spec.dropped_env:
+            log.warning(
+                "recorded environment variables dropped by jobs.env_deny",
+                batch_id=command.batch_id,
+                names=list(spec.dropped_env),
+            )
+        return "started", record.pid, None
+
+    def _audit(self, action: str, cmd: Command, who: str | None, **fields: object) -> None:
+        self.audit.record(
+            action,
+            cmd_id=cmd.id,
+            kind=cmd.kind,
+            batch_id=cmd.batch_id,
+            requested_by=who,
+            **fields,
+        )
 
     async def _send_ack(self, cmd_id: str, ack: AckFn) -> None:
         entry = self.ledger.get(cmd_id)

@@ -15,6 +15,8 @@ from argus_agent.devserver import DevServer
 from argus_agent.logsetup import configure
 from tests.support import HOST, ArgusUser
 
+ROOT_JOBS = {"run_as": "root", "allow_root": True} if os.geteuid() == 0 else {}
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _logging() -> None:
@@ -65,7 +67,8 @@ def make_settings(tmp_path: Path, server: DevServer) -> Callable[..., Settings]:
                 "backoff_max_s": 0.5,
                 "auth_retry_s": 0.5,
             },
-            "jobs": {"stop_grace_s": 2.0},
+            # Running as root (CI), the jobs of these tests run as root too.
+            "jobs": {"stop_grace_s": 2.0, **ROOT_JOBS},
         }
         for section, values in sections.items():
             overrides.setdefault(section, {}).update(values)

@@ -44,8 +44,8 @@ def _error(tmp_path: Path, body: str, environ: dict[str, str] | None = None) -> 
             "[agent]\npoll_intervall_s = 5\n",
             {},
             "config.toml: agent.poll_intervall_s: unknown key; expected one of auth_retry_s, "
-            "backoff_initial_s, backoff_max_s, heartbeat_interval_s, hostname, log_level, "
-            "poll_interval_s, state_dir",
+            "backoff_initial_s, backoff_max_s, heartbeat_interval_s, host_aliases, hostname, "
+            "log_level, poll_interval_s, state_dir",
         ),
         (
             '[sever]\nurl = "http://127.0.0.1"\n',
@@ -102,8 +102,16 @@ def _error(tmp_path: Path, body: str, environ: dict[str, str] | None = None) -> 
             "",
             {"ARGUS_AGENT_JOBS_GRACE": "3"},
             "environment ARGUS_AGENT_JOBS_GRACE: jobs.grace: unknown key; expected one of "
-            "default_cwd, inherit_argus_token, shell, stop_grace_s",
+            "allow_root, default_cwd, env_deny, inherit_argus_token, kill_leftovers, "
+            "log_max_bytes, max_command_age_s, max_jobs, retention_days, run_as, shell, "
+            "stop_grace_s, users",
         ),
+        (
+            '[jobs]\nusers = { alice = "not a user" }\n',
+            {},
+            "config.toml: jobs.users.alice: expected an OS user name, got 'not a user'",
+        ),
+        ("[jobs]\nmax_jobs = 0\n", {}, "config.toml: jobs.max_jobs: expected a number >= 1, got 0"),
         (
             "",
             {"ARGUS_URL": "argus.example.com"},

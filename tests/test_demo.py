@@ -23,6 +23,6 @@ def test_demo_runs_end_to_end() -> None:
     assert "Argus shows the batch 'running'" in out
     assert "epoch 1: loss=1.0000" in out
     assert "lr=0.001 optim.name=adam" in out
-    assert "job ended: killed by signal 15" in out
+    assert "job ended: killed by signal 15 (SIGTERM), stopped on request of alice" in out
     assert "summary:" in out and "2 acked" in out
     assert elapsed < 30

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import shlex
-from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -12,14 +11,12 @@ from hypothesis import strategies as st
 
 from argus_agent.argus_api import retry_after_seconds
 from argus_agent.backoff import Backoff, is_retryable, jittered
-from argus_agent.config import JobSettings
 from argus_agent.errors import (
     AgentTokenRejectedError,
-    PayloadError,
     RateLimitedError,
     TransientServerError,
 )
-from argus_agent.jobs.spec import build_command_line, build_launch_spec, job_base_env
+from argus_agent.jobs.spec import build_command_line, job_base_env
 from argus_agent.protocol import Command, MalformedCommand, decode_command, decode_commands
 
 
@@ -113,70 +110,6 @@ def test_overrides_round_trip_through_the_shell_as_single_words(overrides: dict)
     assert len(words) == 2 + len(overrides)
     for word, key in zip(words[2:], overrides, strict=True):
         assert word.startswith(f"{key}=")
-
-
-def _cmd(payload: dict, batch: str = "rerun-0123456789ab") -> Command:
-    return Command(id="c1", kind="rerun", batch_id=batch, payload=payload)
-
-
-def _spec(payload: dict, tmp_path: Path, **job: object):
-    return build_launch_spec(
-        _cmd(payload),
-        settings=JobSettings(**job),
-        base_env={"PATH": "/bin"},
-        server_url="https://argus.example",
-        home=tmp_path,
-    )
-
-
-def test_launch_spec_from_payload(tmp_path: Path) -> None:
-    spec = _spec(
-        {
-            "command": "python t.py",
-            "cwd": str(tmp_path),
-            "env": {"A": "1"},
-            "overrides": {"lr": 0.1, "flag": False, "opt": None},
-            "source_batch_id": "b-1",
-            "requested_by": "alice",
-        },
-        tmp_path,
-    )
-    assert spec.argv == ("/bin/sh", "-c", "python t.py lr=0.1 flag=false opt=null")
-    assert spec.env == {
-        "PATH": "/bin",
-        "A": "1",
-        "ARGUS_BATCH_ID": "rerun-0123456789ab",
-        "ARGUS_SOURCE_BATCH_ID": "b-1",
-        "ARGUS_URL": "https://argus.example",
-    }
-    assert spec.requested_by == "alice" and spec.cwd == tmp_path
-    default_cwd = _spec({"command": "x"}, tmp_path, default_cwd=Path("/"))
-    assert default_cwd.cwd == Path("/")
-    assert _spec({"command": "x"}, tmp_path).cwd == tmp_path  # the home directory
-
-
-@pytest.mark.parametrize(
-    ("payload", "reason"),
-    [
-        ({"command": None}, "recorded no command"),
-        ({"command": ""}, "payload.command is empty"),
-        ({"command": 3}, "payload.command: expected a string, got int"),
-        ({"command": "a\x00b"}, "NUL"),
-        ({"command": "x", "overrides": ["a"]}, "payload.overrides: expected an object"),
-        ({"command": "x", "overrides": {"a;rm": 1}}, "unsafe shape"),
-        ({"command": "x", "overrides": {"a": [1]}}, "expected a scalar"),
-        ({"command": "x", "env": "A=1"}, "payload.env: expected an object"),
-        ({"command": "x", "env": {"1A": "x"}}, "not a valid variable name"),
-        ({"command": "x", "env": {"A": 1}}, "payload.env.A: expected a string"),
-        ({"command": "x", "cwd": "rel"}, "expected an absolute path"),
-        ({"command": "x", "cwd": "/does/not/exist"}, "does not exist on this host"),
-        ({"command": "x", "cwd": "/etc/hostname"}, "is not a directory"),
-    ],
-)
-def test_launch_spec_refusals(payload: dict, reason: str, tmp_path: Path) -> None:
-    with pytest.raises(PayloadError, match=None) as caught:
-        _spec(payload, tmp_path)
-    assert reason in str(caught.value)
 
 
 def test_job_base_env_drops_agent_only_variables() -> None:

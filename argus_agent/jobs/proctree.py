@@ -1,9 +1,12 @@
-"""Find a job's whole process tree and signal it; escalate from SIGTERM to SIGKILL.
+"""Find a job's whole process tree and signal it; identify processes safely.
 
-A job's tree is every live process that is a descendant of its root pid, or shares its process
-group, or its session (jobs start in a new session, so the session catches children that
-changed group; issue-3 supervision will also catch those that left the session).
-One pass over all processes per call. Zombies count as gone.
+A process is identified by its pid **and** its start time in clock ticks since boot
+(``/proc/<pid>/stat`` field 22), so a recycled pid is never taken for a job.
+
+Normally a job's shim stops the job (it is a child subreaper, so even double-forked
+descendants stay below it). The functions here are the agent's own fallback for a job whose
+shim vanished: the tree is then every live process that descends from the job's root, or
+shares its process group or session.
 """
 
 from __future__ import annotations
@@ -14,44 +17,36 @@ import os
 import signal
 import time
 
-import psutil
+from argus_agent.jobs.shim import descendants, start_ticks
+
+__all__ = ["descendants", "is_same_process", "job_tree", "start_ticks", "terminate_tree"]
 
 
-def process_start_time(pid: int) -> float | None:
-    """The kernel's start time of ``pid`` (epoch seconds), or None when it does not exist."""
+def _state(pid: int) -> str | None:
     try:
-        return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except OSError:
         return None
+    return data[data.rindex(b")") + 2 :].split()[0].decode()
 
 
-def is_same_process(pid: int, start_time: float) -> bool:
-    """True when ``pid`` is alive, not a zombie, and is the process that started at
-    ``start_time`` (so a recycled pid is never taken for the job)."""
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return abs(proc.create_time() - start_time) < 0.05
-    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+def is_same_process(pid: int | None, ticks: int | None) -> bool:
+    """True when ``pid`` is alive, not a zombie, and started at ``ticks``."""
+    if pid is None or ticks is None:
         return False
+    return start_ticks(pid) == ticks and _state(pid) not in (None, "Z", "X")
 
 
 def job_tree(root_pid: int | None, group: int) -> set[int]:
-    """Pids of the live processes in the job's tree (see module doc); excludes this process.
-
-    ``root_pid`` None means the root has ended (its pid may already belong to someone else):
-    only the group/session members and their descendants are collected.
-    """
+    """Pids of the live processes of a job: descendants of ``root_pid`` (None when the root
+    is gone) and members of process group or session ``group``. Excludes this process."""
     me = os.getpid()
-    children: dict[int, list[int]] = {}
     members: set[int] = set()
-    for proc in psutil.process_iter(["pid", "ppid", "status"]):
-        info = proc.info
-        pid = info["pid"]
-        if pid == me or info["status"] == psutil.STATUS_ZOMBIE:
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
             continue
-        children.setdefault(info["ppid"] or 0, []).append(pid)
+        pid = int(name)
         try:
             if os.getpgid(pid) == group or os.getsid(pid) == group:
                 members.add(pid)
@@ -59,21 +54,9 @@ def job_tree(root_pid: int | None, group: int) -> set[int]:
             continue
     if root_pid is not None:
         members.add(root_pid)
-    stack = list(members)
-    while stack:
-        pid = stack.pop()
-        for child in children.get(pid, ()):
-            if child not in members:
-                members.add(child)
-                stack.append(child)
-    return {pid for pid in members if _alive(pid)}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
+    for pid in list(members):
+        members |= descendants(pid)
+    return {p for p in members if p != me and _state(p) not in (None, "Z", "X")}
 
 
 def signal_tree(pids: set[int], group: int, sig: int) -> None:
@@ -86,19 +69,20 @@ def signal_tree(pids: set[int], group: int, sig: int) -> None:
 
 
 async def terminate_tree(
-    root_pid: int, root_start_time: float, group: int, grace_s: float, *, poll_s: float = 0.1
+    root_pid: int, root_ticks: int | None, group: int, grace_s: float, *, poll_s: float = 0.1
 ) -> tuple[int, int]:
     """SIGTERM the tree, wait up to ``grace_s`` for it to empty, then SIGKILL what is left,
-    again until nothing is left (new children included). Blocks its coroutine up to
-    ``grace_s`` plus a few seconds. Returns (processes signalled, processes SIGKILLed).
-    """
+    again until nothing is left. Blocks its coroutine up to ``grace_s`` plus a few seconds.
+    Returns (processes signalled, processes SIGKILLed)."""
 
     def collect() -> set[int]:
-        root = root_pid if is_same_process(root_pid, root_start_time) else None
+        root = root_pid if is_same_process(root_pid, root_ticks) else None
         return job_tree(root, group)
 
     pids = await asyncio.to_thread(collect)
     signalled = len(pids)
+    if not pids:
+        return 0, 0
     signal_tree(pids, group, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:

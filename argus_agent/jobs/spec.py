@@ -1,27 +1,25 @@
-"""Turn a ``rerun`` command's payload into a validated launch spec. Pure policy, no processes.
+"""Turn a ``rerun`` command into a validated launch spec, applying the launch policy.
 
 The command line is what the Argus UI previews: the recorded command followed by one
 ``key=value`` word per override, in the form's order, each word shell-quoted. It runs through
 the configured shell (default ``/bin/sh -c``). Every refusal raises PayloadError whose message
-is the reason acked to the server.
+is the reason acked to the server. Starts no process.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from argus_agent.config import JobSettings
-from argus_agent.errors import PayloadError
+from argus_agent.config import Settings
+from argus_agent.jobs import policy
+from argus_agent.jobs.policy import Identity, UserDb
 from argus_agent.protocol import Command
 
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-OVERRIDE_KEY_RE = re.compile(r"^[A-Za-z_+~][A-Za-z0-9_.\-/@+]*$")
 #: Variables of the agent's own environment that never reach a job.
 AGENT_ONLY_ENV = (
     "NOTIFY_SOCKET",
@@ -46,6 +44,18 @@ class LaunchSpec:
     argv: tuple[str, ...]
     cwd: Path
     env: Mapping[str, str]
+    identity: Identity
+    dropped_env: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the policy needs to know about this host at the moment of the launch."""
+
+    agent_uid: int
+    now: float
+    running_jobs: int
+    home: Path
 
 
 def render_override(key: str, value: Any) -> str:
@@ -81,58 +91,41 @@ def job_base_env(environ: Mapping[str, str], *, keep_argus_token: bool) -> dict[
 def build_launch_spec(
     command: Command,
     *,
-    settings: JobSettings,
+    settings: Settings,
     base_env: Mapping[str, str],
-    server_url: str,
-    home: Path,
+    facts: HostFacts,
+    userdb: UserDb | None = None,
 ) -> LaunchSpec:
-    """Validate a rerun command and build its LaunchSpec. Reads only whether ``cwd`` exists.
+    """Apply every policy rule to a rerun command and build its LaunchSpec.
 
-    Raises PayloadError with the reason to ack.
+    Reads only the user database and whether ``cwd`` exists. Raises PayloadError.
     """
+    jobs = settings.jobs
     payload = command.payload
-    raw_command = payload.get("command")
-    if raw_command is None:
-        raise PayloadError("the source batch recorded no command (payload.command is null)")
-    if not isinstance(raw_command, str):
-        raise PayloadError(f"payload.command: expected a string, got {type(raw_command).__name__}")
-    if not raw_command.strip():
-        raise PayloadError("payload.command is empty")
-    if "\x00" in raw_command:
-        raise PayloadError("payload.command contains a NUL byte")
-
-    overrides = payload.get("overrides")
-    if overrides is not None and not isinstance(overrides, dict):
-        raise PayloadError(f"payload.overrides: expected an object, got {type(overrides).__name__}")
-    for key, value in (overrides or {}).items():
-        if not OVERRIDE_KEY_RE.match(key):
-            raise PayloadError(f"payload.overrides: key {key[:80]!r} has an unsafe shape")
-        if not isinstance(value, str | int | float | bool) and value is not None:
-            raise PayloadError(
-                f"payload.overrides.{key}: expected a scalar, got {type(value).__name__}"
-            )
-        if isinstance(value, str) and "\x00" in value:
-            raise PayloadError(f"payload.overrides.{key}: value contains a NUL byte")
-
-    env_payload = payload.get("env")
-    if env_payload is not None and not isinstance(env_payload, dict):
-        raise PayloadError(f"payload.env: expected an object, got {type(env_payload).__name__}")
-    for name, value in (env_payload or {}).items():
-        if not ENV_NAME_RE.match(name):
-            raise PayloadError(f"payload.env: {name[:80]!r} is not a valid variable name")
-        if not isinstance(value, str):
-            raise PayloadError(f"payload.env.{name}: expected a string, got {type(value).__name__}")
-        if "\x00" in value:
-            raise PayloadError(f"payload.env.{name}: value contains a NUL byte")
-
-    cwd = _resolve_cwd(payload.get("cwd"), settings, home)
-    source = payload.get("source_batch_id")
+    policy.check_age(command.created_at, facts.now, jobs.max_command_age_s)
+    raw_command = policy.check_command(payload.get("command"))
+    overrides = policy.check_overrides(payload.get("overrides"))
+    env_payload, dropped = policy.check_env(payload.get("env"), jobs.env_deny)
+    policy.check_host(payload.get("host"), settings.agent.hostname, settings.agent.host_aliases)
     requested_by = payload.get("requested_by")
+    identity = policy.resolve_identity(
+        requested_by,
+        agent_uid=facts.agent_uid,
+        users=jobs.users,
+        run_as=jobs.run_as,
+        allow_root=jobs.allow_root,
+        userdb=userdb or UserDb(),
+    )
+    default_cwd = jobs.default_cwd or (Path(identity.home) if facts.agent_uid == 0 else facts.home)
+    cwd = policy.check_cwd(payload.get("cwd"), default_cwd, identity)
+    policy.check_capacity(facts.running_jobs, jobs.max_jobs)
+    source = payload.get("source_batch_id")
     env = dict(base_env)
-    env.update(env_payload or {})
+    env.update(identity.login_env())
+    env.update(env_payload)
     env["ARGUS_BATCH_ID"] = command.batch_id
     env["ARGUS_SOURCE_BATCH_ID"] = source if isinstance(source, str) else ""
-    env["ARGUS_URL"] = server_url
+    env["ARGUS_URL"] = settings.server.url
     command_line = build_command_line(raw_command, overrides)
     return LaunchSpec(
         batch_id=command.batch_id,
@@ -140,25 +133,14 @@ def build_launch_spec(
         source_batch_id=source if isinstance(source, str) else None,
         requested_by=requested_by if isinstance(requested_by, str) else None,
         command_line=command_line,
-        argv=(*settings.shell, command_line),
+        argv=(*jobs.shell, command_line),
         cwd=cwd,
         env=env,
+        identity=identity,
+        dropped_env=tuple(dropped),
     )
 
 
-def _resolve_cwd(raw: Any, settings: JobSettings, home: Path) -> Path:
-    if raw is None:
-        cwd = settings.default_cwd or home
-    elif not isinstance(raw, str) or not raw:
-        raise PayloadError(f"payload.cwd: expected an absolute path, got {raw!r}")
-    else:
-        cwd = Path(raw)
-    if "\x00" in str(cwd) or not cwd.is_absolute():
-        raise PayloadError(f"payload.cwd: expected an absolute path, got {str(cwd)[:200]!r}")
-    if not cwd.exists():
-        raise PayloadError(f"working directory {cwd} does not exist on this host")
-    if not cwd.is_dir():
-        raise PayloadError(f"working directory {cwd} is not a directory")
-    if not os.access(cwd, os.X_OK):
-        raise PayloadError(f"working directory {cwd} is not accessible to the agent's user")
-    return cwd
+def current_home() -> Path:
+    """The agent user's home directory."""
+    return Path(os.path.expanduser("~"))

@@ -1,18 +1,26 @@
-"""The job table: launch jobs, watch them end, stop them, re-adopt them after a restart.
+"""The job table: launch jobs under their shims, watch them end, stop them, re-adopt them.
 
-Owns the running jobs of this agent (keyed by the Argus batch id) and their records in the
-state dir. Each job starts in a new session and process group, with stdout and stderr going
-to its log file (never to a pipe the agent holds, so the job never blocks on the agent).
+Owns the jobs of this agent (keyed by the Argus batch id). Each job runs under its own shim
+process (``shim.py``), which owns the job's process, its log and its exit status, so the
+agent can stop, crash or be upgraded without the job noticing. On start-up the agent
+re-adopts every job recorded in the state dir: a job whose shim is alive (same pid **and**
+start time) is watched again; a job that ended meanwhile is reported with the exit status its
+shim recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from argus_agent.config import JobSettings
 from argus_agent.errors import JobError, LaunchError
 from argus_agent.jobs import proctree
 from argus_agent.jobs.spec import LaunchSpec
@@ -21,24 +29,29 @@ from argus_agent.logsetup import get_logger
 
 log = get_logger(__name__)
 
-#: How often a job adopted from an earlier agent run (not our child) is checked for liveness.
-ADOPTED_POLL_S = 1.0
+SHIM_PATH = Path(__file__).with_name("shim.py")
+#: How often a job adopted from an earlier agent run (its shim is not our child) is checked.
+ADOPTED_POLL_S = 0.5
+#: How long the shim may take to report that the exec succeeded or failed.
+LAUNCH_TIMEOUT_S = 30.0
+LOST = "the job's supervisor ended without recording an exit status"
 
 
 @dataclass
 class _Job:
     record: JobRecord
     watcher: asyncio.Task[None] | None = None
-    stopper: asyncio.Task[None] | None = None
+    fallback_stop: asyncio.Task[tuple[int, int]] | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class JobManager:
-    """The jobs this agent started. Use from one event loop."""
+    """The jobs this agent supervises. Use from one event loop."""
 
-    def __init__(self, store: JobStore, *, stop_grace_s: float) -> None:
+    def __init__(self, store: JobStore, settings: JobSettings, *, python: str | None = None):
         self.store = store
-        self.stop_grace_s = stop_grace_s
+        self.settings = settings
+        self.python = python or sys.executable
         self._jobs: dict[str, _Job] = {}
 
     # -- queries -------------------------------------------------------------------------
@@ -62,61 +75,60 @@ class JobManager:
         await asyncio.wait_for(job.ended.wait(), timeout)
         return job.record
 
-    # -- lifecycle -----------------------------------------------------------------------
+    # -- start-up ------------------------------------------------------------------------
 
-    def adopt_existing(self) -> list[JobRecord]:
-        """Load the job records of earlier agent runs. Jobs still alive (same pid *and*
-        process start time) are watched again; the others are marked ended. Call once at
-        start-up; returns the records re-adopted as running."""
-        adopted = []
+    def adopt_existing(self) -> tuple[list[JobRecord], list[JobRecord]]:
+        """Load the jobs of earlier agent runs. Call once at start-up.
+
+        Returns (jobs re-adopted as running, jobs found to have ended while the agent was
+        away). Jobs that had ended before are loaded quietly.
+        """
+        adopted: list[JobRecord] = []
+        ended_meanwhile: list[JobRecord] = []
         for record in self.store.load_all():
             job = _Job(record)
             self._jobs[record.batch_id] = job
-            if not record.running:
+            if record.ended_at is not None:
                 job.ended.set()
+                if not _was_reported(self.store, record):
+                    ended_meanwhile.append(record)
                 continue
-            if proctree.is_same_process(record.pid, record.process_start_time):
+            if proctree.is_same_process(record.shim_pid, record.shim_start_ticks) or (
+                proctree.is_same_process(record.pid, record.start_ticks)
+            ):
                 job.watcher = asyncio.create_task(self._watch_adopted(job))
                 adopted.append(record)
                 log.info("job re-adopted", batch_id=record.batch_id, pid=record.pid)
-            else:
-                self._finish(
-                    job, exit_note="ended while the agent was not running; exit status unknown"
-                )
-        return adopted
+                continue
+            note = (
+                "the launch was interrupted by an agent restart"
+                if not record.started
+                else "the job and its supervisor ended while the agent was away; exit status "
+                "unknown"
+            )
+            self._mark_lost(job, note)
+            ended_meanwhile.append(job.record)
+        for record in ended_meanwhile:
+            log.info(
+                "job ended while the agent was away",
+                batch_id=record.batch_id,
+                outcome=record.describe_exit(),
+            )
+            mark_reported(self.store, record)
+        return adopted, ended_meanwhile
+
+    # -- launch --------------------------------------------------------------------------
 
     async def launch(self, spec: LaunchSpec) -> JobRecord:
-        """Start the job described by ``spec`` and begin watching it.
+        """Start the job described by ``spec`` under a new shim and begin watching it.
 
-        Returns once the exec succeeded. Raises LaunchError (nothing left running, no record
-        kept) or JobError when a job for the batch already exists.
+        Returns once the job's exec succeeded. Raises LaunchError (nothing left running, no
+        record kept) or JobError when a job for the batch already exists.
         """
         if spec.batch_id in self._jobs:
             raise JobError(f"a job for batch {spec.batch_id} already exists on this host")
-        log_path = self.store.prepare(spec.batch_id)
-        try:
-            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        except OSError as exc:
-            self.store.discard(spec.batch_id)
-            raise LaunchError(f"cannot open the job log {log_path}: {exc.strerror}") from None
-        try:
-            process = await asyncio.create_subprocess_exec(
-                *spec.argv,
-                cwd=spec.cwd,
-                env=dict(spec.env),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=log_fd,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            self.store.discard(spec.batch_id)
-            what = exc.filename or spec.argv[0]
-            raise LaunchError(f"cannot start {what}: {exc.strerror or exc}") from None
-        finally:
-            os.close(log_fd)
-        start_time = proctree.process_start_time(process.pid) or time.time()
-        record = JobRecord(
+        job_dir = self.store.job_dir(spec.batch_id)
+        intent = JobRecord(
             batch_id=spec.batch_id,
             cmd_id=spec.cmd_id,
             source_batch_id=spec.source_batch_id,
@@ -124,52 +136,148 @@ class JobManager:
             command_line=spec.command_line,
             argv=list(spec.argv),
             cwd=str(spec.cwd),
-            log_path=str(log_path),
-            pid=process.pid,
-            pgid=process.pid,
-            process_start_time=start_time,
+            log_path=str(job_dir / "output.log"),
+            run_as=spec.identity.user,
+            uid=spec.identity.uid,
+            gid=spec.identity.gid,
             launched_at=time.time(),
         )
-        self.store.save(record)
+        try:
+            self.store.create(intent)
+        except FileExistsError:
+            raise JobError(f"a job for batch {spec.batch_id} already exists on this host") from None
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise LaunchError(f"cannot create the job directory {job_dir}: {reason}") from None
+        try:
+            process, answer = await self._start_shim(spec, job_dir, intent.log_path)
+        except LaunchError:
+            self.store.discard(spec.batch_id)
+            raise
+        record = self.store.load(spec.batch_id)
         job = _Job(record)
         self._jobs[spec.batch_id] = job
         job.watcher = asyncio.create_task(self._watch_child(job, process))
-        log.info("job started", batch_id=spec.batch_id, pid=process.pid, cwd=str(spec.cwd))
+        log.info(
+            "job started",
+            batch_id=spec.batch_id,
+            pid=answer["pid"],
+            shim_pid=process.pid,
+            run_as=spec.identity.user,
+            cwd=str(spec.cwd),
+        )
         return record
 
+    async def _start_shim(
+        self, spec: LaunchSpec, job_dir: Path, log_path: str
+    ) -> tuple[asyncio.subprocess.Process, dict]:
+        launch_spec = {
+            "job_dir": str(job_dir),
+            "argv": list(spec.argv),
+            "cwd": str(spec.cwd),
+            "env": dict(spec.env),
+            "uid": spec.identity.uid,
+            "gid": spec.identity.gid,
+            "groups": list(spec.identity.groups),
+            "log_path": log_path,
+            "log_max_bytes": self.settings.log_max_bytes,
+            "stop_grace_s": self.settings.stop_grace_s,
+            "kill_leftovers": self.settings.kill_leftovers,
+        }
+        shim_log = os.open(job_dir / "shim.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                self.python,
+                "-I",
+                "-S",
+                str(SHIM_PATH),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=shim_log,
+                cwd=job_dir,
+                env={"PATH": os.defpath, "LC_ALL": "C.UTF-8"},
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise LaunchError(f"cannot start the job supervisor: {exc.strerror or exc}") from None
+        finally:
+            os.close(shim_log)
+        assert process.stdin is not None and process.stdout is not None
+        try:
+            process.stdin.write(json.dumps(launch_spec).encode())
+            await process.stdin.drain()
+            process.stdin.close()
+            line = await asyncio.wait_for(process.stdout.readline(), LAUNCH_TIMEOUT_S)
+            answer = json.loads(line) if line else {"ok": False, "error": _shim_died(job_dir)}
+        except (TimeoutError, ConnectionError, ValueError) as exc:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            reason = str(exc) or type(exc).__name__
+            raise LaunchError(f"the job supervisor did not answer: {reason}") from None
+        if not answer.get("ok"):
+            await process.wait()
+            raise LaunchError(str(answer.get("error") or "the job supervisor failed"))
+        return process, answer
+
+    # -- stop ----------------------------------------------------------------------------
+
     async def stop(self, batch_id: str, requested_by: str | None) -> JobRecord:
-        """Begin stopping the job of ``batch_id``: SIGTERM to its whole tree now, SIGKILL to
-        whatever is left after the grace period (in the background). Returns at once after
-        the SIGTERM; idempotent while a stop is under way.
+        """Begin stopping the job of ``batch_id``: its shim sends SIGTERM to the whole tree
+        now and SIGKILL to whatever is left after the grace period. Returns at once;
+        idempotent while a stop is under way.
 
         Raises JobError when this host has no running job for the batch.
         """
         job = self._jobs.get(batch_id)
         if job is None:
             raise JobError(f"no job for batch {batch_id} on this host")
-        if not job.record.running:
-            raise JobError(
-                f"the job for batch {batch_id} already ended ({job.record.describe_exit()})"
-            )
-        if job.stopper is None or job.stopper.done():
-            job.record = job.record.ended(
-                stop_requested_by=requested_by, stop_requested_at=time.time()
-            )
-            self.store.save(job.record)
-            job.stopper = asyncio.create_task(self._terminate(job))
-            await asyncio.sleep(0)  # let the SIGTERM go out before we return
-        return job.record
-
-    async def _terminate(self, job: _Job) -> None:
         record = job.record
-        signalled, killed = await proctree.terminate_tree(
-            record.pid, record.process_start_time, record.pgid, self.stop_grace_s
-        )
-        log.info("job stopped", batch_id=record.batch_id, signalled=signalled, sigkilled=killed)
+        if not record.running:
+            raise JobError(f"the job for batch {batch_id} already ended ({record.describe_exit()})")
+        if record.stop_requested_at is None:
+            record = record.with_changes(
+                stop_requested_by=requested_by,
+                stop_requested_at=time.time(),
+                stop_grace_s=self.settings.stop_grace_s,
+            )
+            job.record = record
+            self.store.write_stop(record)
+        if proctree.is_same_process(record.shim_pid, record.shim_start_ticks):
+            assert record.shim_pid is not None
+            os.kill(record.shim_pid, signal.SIGTERM)
+        elif job.fallback_stop is None and record.pid is not None:
+            log.warning("job supervisor is gone; the agent stops the job itself", batch_id=batch_id)
+            job.fallback_stop = asyncio.create_task(
+                proctree.terminate_tree(
+                    record.pid,
+                    record.start_ticks,
+                    record.pgid or record.pid,
+                    self.settings.stop_grace_s,
+                )
+            )
+        return record
+
+    # -- housekeeping --------------------------------------------------------------------
+
+    def prune(self, retention_s: float) -> int:
+        """Forget jobs that ended more than ``retention_s`` ago (their dirs are removed)."""
+        cutoff = time.time() - retention_s
+        old = [
+            b
+            for b, j in self._jobs.items()
+            if j.record.ended_at is not None and j.record.ended_at < cutoff
+        ]
+        for batch_id in old:
+            self.store.discard(batch_id)
+            del self._jobs[batch_id]
+        if old:
+            log.info("pruned old jobs", count=len(old))
+        return len(old)
 
     async def shutdown(self) -> None:
-        """Stop watching; running jobs are left running (a new agent re-adopts them)."""
-        tasks = [t for j in self._jobs.values() for t in (j.watcher, j.stopper) if t]
+        """Stop watching; running jobs are left running under their shims."""
+        tasks = [t for j in self._jobs.values() for t in (j.watcher, j.fallback_stop) if t]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -177,39 +285,54 @@ class JobManager:
     # -- watching ------------------------------------------------------------------------
 
     async def _watch_child(self, job: _Job, process: asyncio.subprocess.Process) -> None:
-        code = await process.wait()
-        if code < 0:
-            self._finish(job, exit_signal=-code)
-        else:
-            self._finish(job, exit_code=code)
+        await process.wait()
+        self._ended(job)
 
     async def _watch_adopted(self, job: _Job) -> None:
         record = job.record
-        while proctree.is_same_process(record.pid, record.process_start_time):
+        while proctree.is_same_process(record.shim_pid, record.shim_start_ticks) or (
+            not (self.store.job_dir(record.batch_id) / "exit.json").exists()
+            and proctree.is_same_process(record.pid, record.start_ticks)
+        ):
             await asyncio.sleep(ADOPTED_POLL_S)
-        self._finish(
-            job, exit_note="ended; exit status unknown (job was re-adopted after an agent restart)"
-        )
+        self._ended(job)
 
-    def _finish(
-        self,
-        job: _Job,
-        *,
-        exit_code: int | None = None,
-        exit_signal: int | None = None,
-        exit_note: str | None = None,
-    ) -> None:
-        job.record = job.record.ended(
-            ended_at=time.time(), exit_code=exit_code, exit_signal=exit_signal, exit_note=exit_note
-        )
+    def _ended(self, job: _Job) -> None:
         try:
-            self.store.save(job.record)
-        except OSError as exc:
-            log.error("cannot record job exit", batch_id=job.record.batch_id, error=str(exc))
+            record = self.store.load(job.record.batch_id)
+        except (OSError, ValueError, TypeError) as exc:
+            log.error("cannot read the job's state", batch_id=job.record.batch_id, error=str(exc))
+            record = job.record
+        if record.ended_at is None:
+            self._mark_lost(job, LOST)
+            record = job.record
+        job.record = record
         job.ended.set()
-        log.info(
-            "job ended",
-            batch_id=job.record.batch_id,
-            outcome=job.record.describe_exit(),
-            signal_name=signal.Signals(exit_signal).name if exit_signal else None,
-        )
+        mark_reported(self.store, record)
+        log.info("job ended", batch_id=record.batch_id, outcome=record.describe_exit())
+
+    def _mark_lost(self, job: _Job, note: str) -> None:
+        try:
+            self.store.write_lost_exit(job.record.batch_id, note)
+            job.record = self.store.load(job.record.batch_id)
+        except (OSError, ValueError, TypeError):
+            job.record = job.record.with_changes(ended_at=time.time(), exit_note=note)
+        job.ended.set()
+
+
+def _shim_died(job_dir: Path) -> str:
+    try:
+        tail = (job_dir / "shim.log").read_text()[-300:].strip()
+    except OSError:
+        tail = ""
+    return "the job supervisor exited before starting the job" + (f": {tail}" if tail else "")
+
+
+def _was_reported(store: JobStore, record: JobRecord) -> bool:
+    return (store.job_dir(record.batch_id) / "reported").exists()
+
+
+def mark_reported(store: JobStore, record: JobRecord) -> None:
+    """Remember that the end of this job was reported (so a restart does not report it again)."""
+    with contextlib.suppress(OSError):
+        (store.job_dir(record.batch_id) / "reported").touch(mode=0o600)

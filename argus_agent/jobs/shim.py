@@ -1,0 +1,373 @@
+"""The per-job supervisor ("shim"): one small process per job that owns the job's process.
+
+Stdlib only, and run as a script (``python -I -S shim.py``) so that it imports nothing of
+the agent and starts fast with a small RSS. The idea is containerd's shim and podman's
+conmon: the agent can stop, crash or be upgraded while the shim keeps the job supervised.
+
+Protocol with the agent:
+
+- stdin: one JSON launch spec (see ``_Spec``); read once, then closed.
+- stdout: one JSON line, ``{"ok": true, "pid": ..., ...}`` once the job's exec succeeded, or
+  ``{"ok": false, "error": "..."}``; then stdout is pointed at /dev/null, so a dead agent
+  can never block or SIGPIPE the shim.
+- SIGTERM: stop the job: SIGTERM to the whole tree, SIGKILL to what is left after the grace
+  period (read from ``stop.json`` in the job dir when present, else the spec's).
+
+Files it writes in the job dir (atomically: temp file, fsync, rename):
+
+- ``started.json``: job pid, process group, start ticks of the job and of the shim;
+- ``exit.json``: exit code or signal, end time, whether a stop was requested, log size;
+- ``output.log``: the job's stdout and stderr, capped at ``log_max_bytes`` with a marker.
+
+The shim is a child subreaper (``PR_SET_CHILD_SUBREAPER``): descendants that leave the
+job's session or double-fork are re-parented to it instead of to init, so the job's whole
+tree stays findable as "the shim's descendants" and nothing escapes a stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+PR_SET_CHILD_SUBREAPER = 36
+TICK_S = 0.2
+READ_CHUNK = 1 << 16
+TRUNCATION_MARKER = (
+    "\n[argus-agent] log truncated: output reached log_max_bytes ({cap} bytes); "
+    "further output of this job is discarded\n"
+)
+
+
+def start_ticks(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    return int(data[data.rindex(b")") + 2 :].split()[19])
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid → (ppid, state) for every process (one pass over /proc)."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                data = handle.read()
+        except OSError:
+            continue
+        fields = data[data.rindex(b")") + 2 :].split()
+        table[int(name)] = (int(fields[1]), fields[0].decode())
+    return table
+
+
+def descendants(root: int) -> set[int]:
+    """Live (non-zombie) descendants of ``root``, excluding ``root``."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _state) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found: set[int] = set()
+    stack = [root]
+    while stack:
+        for child in children.get(stack.pop(), ()):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return {pid for pid in found if table.get(pid, (0, "Z"))[1] != "Z"}
+
+
+def _atomic_json(path: str, value: Any) -> None:
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps(value, sort_keys=True).encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class _Spec:
+    """The launch spec the agent sends on stdin."""
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.job_dir: str = raw["job_dir"]
+        self.argv: list[str] = list(raw["argv"])
+        self.cwd: str = raw["cwd"]
+        self.env: dict[str, str] = dict(raw["env"])
+        self.uid: int | None = raw.get("uid")
+        self.gid: int | None = raw.get("gid")
+        self.groups: list[int] | None = raw.get("groups")
+        self.log_path: str = raw["log_path"]
+        self.log_max_bytes: int = int(raw["log_max_bytes"])
+        self.stop_grace_s: float = float(raw["stop_grace_s"])
+        self.kill_leftovers: bool = bool(raw.get("kill_leftovers", True))
+        self.leftover_grace_s: float = float(raw.get("leftover_grace_s", 5.0))
+
+
+class Shim:
+    """Supervises one job until it and its leftovers are gone."""
+
+    def __init__(self, spec: _Spec) -> None:
+        self.spec = spec
+        self.child: subprocess.Popen[bytes] | None = None
+        self.exit_status: int | None = None
+        self.stop_requested_at: float | None = None
+        self.kill_deadline: float | None = None
+        self.killed_after_grace = False
+        self.log_fd = -1
+        self.log_bytes = 0
+        self.log_truncated = False
+        self.reader_fd = -1
+
+    # -- start -------------------------------------------------------------------------
+
+    def start(self) -> dict[str, Any]:
+        """Open the log, fork and exec the job. Returns the answer line for the agent.
+
+        Raises OSError / subprocess.SubprocessError when the exec failed.
+        """
+        spec = self.spec
+        self.log_fd = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        if spec.uid is not None and os.geteuid() == 0:
+            os.fchown(self.log_fd, spec.uid, spec.gid if spec.gid is not None else -1)
+        self.log_bytes = os.fstat(self.log_fd).st_size
+        reader, writer = os.pipe()
+        try:
+            kwargs: dict[str, Any] = {}
+            if spec.uid is not None and spec.uid != os.geteuid():
+                kwargs = {"user": spec.uid, "group": spec.gid, "extra_groups": spec.groups or []}
+            self.child = subprocess.Popen(
+                spec.argv,
+                cwd=spec.cwd,
+                env=spec.env,
+                stdin=subprocess.DEVNULL,
+                stdout=writer,
+                stderr=writer,
+                start_new_session=True,
+                close_fds=True,
+                **kwargs,
+            )
+        except BaseException:
+            os.close(reader)
+            raise
+        finally:
+            os.close(writer)
+        self.reader_fd = reader
+        os.set_blocking(reader, False)
+        pid = self.child.pid
+        started = {
+            "pid": pid,
+            "pgid": pid,
+            "start_ticks": start_ticks(pid),
+            "shim_pid": os.getpid(),
+            "shim_start_ticks": start_ticks(os.getpid()),
+            "started_at": time.time(),
+        }
+        _atomic_json(os.path.join(spec.job_dir, "started.json"), started)
+        return {"ok": True, **started}
+
+    # -- run ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Pump output, reap children, handle stops, until the job and its tree ended."""
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        selector = selectors.DefaultSelector()
+        selector.register(self.reader_fd, selectors.EVENT_READ, "output")
+        selector.register(wake_r, selectors.EVENT_READ, "wake")
+        while True:
+            for key, _ in selector.select(TICK_S):
+                if key.data == "output" and not self._pump():
+                    selector.unregister(self.reader_fd)
+                    os.close(self.reader_fd)
+                    self.reader_fd = -1
+                elif key.data == "wake":
+                    os.read(wake_r, 512)
+            self._reap()
+            self._escalate()
+            if self.exit_status is not None:
+                break
+        self._finish_leftovers()
+        if self.reader_fd >= 0:
+            self._drain(deadline=time.monotonic() + 1.0)
+        self._write_exit()
+
+    def request_stop(self, _signum: int = 0, _frame: Any = None) -> None:
+        """SIGTERM handler: signal the tree now; the loop escalates after the grace."""
+        if self.stop_requested_at is not None:
+            return
+        self.stop_requested_at = time.time()
+        grace = self.spec.stop_grace_s
+        try:
+            with open(os.path.join(self.spec.job_dir, "stop.json")) as handle:
+                grace = float(json.load(handle).get("grace_s", grace))
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+        self.kill_deadline = time.monotonic() + grace
+        self._signal_tree(signal.SIGTERM)
+
+    def _signal_tree(self, sig: int) -> int:
+        pids = descendants(os.getpid())
+        if self.child is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(self.child.pid, sig)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        return len(pids)
+
+    def _escalate(self) -> None:
+        due = self.kill_deadline is not None and time.monotonic() >= self.kill_deadline
+        if due and self._signal_tree(signal.SIGKILL):
+            self.killed_after_grace = True
+
+    def _reap(self) -> None:
+        """Collect every exited child (the job, and orphans re-parented to us)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if self.child is not None and pid == self.child.pid:
+                self.exit_status = status
+                self.child.returncode = os.waitstatus_to_exitcode(status)
+
+    def _finish_leftovers(self) -> None:
+        """After the job's main process ended: stop what it left behind (unless configured
+        not to), so nothing of the job outlives it."""
+        if not self.spec.kill_leftovers:
+            return
+        deadline = self.kill_deadline or time.monotonic() + self.spec.leftover_grace_s
+        sig = signal.SIGTERM
+        while descendants(os.getpid()):
+            self._signal_tree(sig)
+            if sig == signal.SIGKILL:
+                self.killed_after_grace = True
+            if self.reader_fd >= 0:
+                self._drain(deadline=time.monotonic() + TICK_S)
+            else:
+                time.sleep(TICK_S)
+            self._reap()
+            if time.monotonic() >= deadline:
+                sig = signal.SIGKILL
+        self._reap()
+
+    # -- output ------------------------------------------------------------------------
+
+    def _pump(self) -> bool:
+        """Move available output to the log; False at end of file."""
+        try:
+            data = os.read(self.reader_fd, READ_CHUNK)
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        self._write_log(data)
+        return True
+
+    def _drain(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            try:
+                data = os.read(self.reader_fd, READ_CHUNK)
+            except BlockingIOError:
+                time.sleep(0.02)
+                continue
+            if not data:
+                break
+            self._write_log(data)
+
+    def _write_log(self, data: bytes) -> None:
+        if self.log_truncated:
+            return
+        room = self.spec.log_max_bytes - self.log_bytes
+        if len(data) > room:
+            data = data[: max(room, 0)]
+            marker = TRUNCATION_MARKER.format(cap=self.spec.log_max_bytes).encode()
+            self._write_all(data + marker)
+            self.log_truncated = True
+            return
+        self._write_all(data)
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(self.log_fd, view)
+            view = view[written:]
+            self.log_bytes += written
+
+    # -- end ---------------------------------------------------------------------------
+
+    def _write_exit(self) -> None:
+        status = self.exit_status if self.exit_status is not None else 0
+        exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        exit_signal = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        _atomic_json(
+            os.path.join(self.spec.job_dir, "exit.json"),
+            {
+                "exit_code": exit_code,
+                "exit_signal": exit_signal,
+                "ended_at": time.time(),
+                "stop_requested_at": self.stop_requested_at,
+                "killed_after_grace": self.killed_after_grace,
+                "log_bytes": self.log_bytes,
+                "log_truncated": self.log_truncated,
+            },
+        )
+        os.close(self.log_fd)
+
+
+def _answer(line: dict[str, Any]) -> None:
+    """Send the one answer line, then detach stdout so a dead agent can't hurt us."""
+    with contextlib.suppress(OSError):
+        os.write(1, json.dumps(line).encode() + b"\n")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+
+
+def main() -> int:
+    """Entry point: read the spec, launch, answer, supervise. Returns the shim's exit code."""
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        spec = _Spec(json.loads(sys.stdin.buffer.read()))
+    except (ValueError, KeyError, TypeError) as exc:
+        _answer({"ok": False, "error": f"supervisor got a bad launch spec: {exc}"})
+        return 2
+    # Not Linux: no subreaper, and descendants that double-fork may escape a stop.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    shim = Shim(spec)
+    signal.signal(signal.SIGTERM, shim.request_stop)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes the selector via the wakeup fd
+    try:
+        answer = shim.start()
+    except (OSError, subprocess.SubprocessError) as exc:
+        what = getattr(exc, "filename", None) or spec.argv[0]
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        _answer({"ok": False, "error": f"cannot start {what}: {reason}"})
+        return 1
+    _answer(answer)
+    shim.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -179,3 +179,77 @@ async def register(settings: Settings, token: str, *, force: bool = False) -> st
     creds = await register_host(settings, token, force=force)
     assert load_credentials(settings.token_path).agent_id == creds.agent_id
     return creds.agent_id
+
+
+def agent_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment that makes `argus-agent` (a real process) use ``settings``."""
+    import os
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ARGUS_")}
+    env = {
+        **base,
+        "ARGUS_URL": settings.server.url,
+        "ARGUS_AGENT_AGENT_STATE_DIR": str(settings.agent.state_dir),
+        "ARGUS_AGENT_AGENT_HOSTNAME": settings.agent.hostname,
+        "ARGUS_AGENT_AGENT_POLL_INTERVAL_S": "0.2",
+        "ARGUS_AGENT_JOBS_STOP_GRACE_S": str(settings.jobs.stop_grace_s),
+    }
+    if os.geteuid() == 0:
+        env.update(ARGUS_AGENT_JOBS_RUN_AS="root", ARGUS_AGENT_JOBS_ALLOW_ROOT="true")
+    env.update(extra)
+    return env
+
+
+def cli(*args: str, env: dict[str, str], timeout: float = 60) -> Any:
+    """Run `argus-agent ARGS` to completion; returns the CompletedProcess (text)."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "argus_agent.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+class AgentProcess:
+    """`argus-agent run` as a real process (so tests can SIGKILL it)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        import subprocess
+        import sys
+
+        self.env = env
+        self.log = log_path.open("a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "argus_agent.cli", "run"],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    async def status(self) -> dict:
+        """Wait until the daemon answers on its control socket; its status document."""
+        import json
+
+        result = await eventually(
+            lambda: (r := cli("status", "--json", env=self.env)).returncode == 0 and r,
+            what="status answer",
+        )
+        return json.loads(result.stdout)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would."""
+        self.proc.kill()
+        self.proc.wait(10)
+        self.log.close()
+
+    def stop(self) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        code = self.proc.wait(15)
+        self.log.close()
+        return code

@@ -76,10 +76,15 @@ async def test_sigkilled_agent_readopts_running_jobs_and_reports_the_one_that_en
         await eventually(
             lambda: not any(_alive(p) for p in pids.values()), timeout=5, what="all three stopped"
         )
-        status = await second.status()
-        outcomes = {j["batch_id"]: j["outcome"] for j in status["jobs"]}
-        for batch in long_runs:
-            assert outcomes[batch] == "killed by signal 15 (SIGTERM), stopped on request of alice"
+        expected = "killed by signal 15 (SIGTERM), stopped on request of alice"
+
+        async def all_stopped() -> bool:
+            status = await second.status()
+            return {j["outcome"] for j in status["jobs"] if j["batch_id"] in long_runs} == {
+                expected
+            }
+
+        await eventually(all_stopped, what=f"every outcome to read {expected!r}")
     finally:
         assert second.stop() == 0
     assert launches.read_text().count("x") == 3, "nothing may be launched twice"

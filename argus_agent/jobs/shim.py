@@ -158,6 +158,7 @@ class Shim:
                 stderr=writer,
                 start_new_session=True,
                 close_fds=True,
+                umask=0o022,  # the agent may run with UMask=0077; jobs get the usual default
                 **kwargs,
             )
         except BaseException:

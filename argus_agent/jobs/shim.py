@@ -40,8 +40,9 @@ from typing import Any
 PR_SET_CHILD_SUBREAPER = 36
 TICK_S = 0.2
 READ_CHUNK = 1 << 16
+MAX_LINE = 1 << 16
 TRUNCATION_MARKER = (
-    "\n[argus-agent] log truncated: output reached log_max_bytes ({cap} bytes); "
+    "[argus-agent] log truncated: output reached log_max_bytes ({cap} bytes); "
     "further output of this job is discarded\n"
 )
 
@@ -117,6 +118,79 @@ class _Spec:
         self.leftover_grace_s: float = float(raw.get("leftover_grace_s", 5.0))
 
 
+class JobOutput:
+    """The job's log: stdout and stderr merged line by line into ``output.log``, with a
+    sidecar ``output.streams`` holding one byte per log line (``o`` stdout, ``e`` stderr,
+    ``a`` a line the agent wrote), so readers know each line's stream.
+
+    Only whole lines are written: a partial line waits for its newline (or for the end of
+    its stream, or for ``MAX_LINE`` bytes, when a newline is added). The sidecar byte is
+    written before its line, so a reader never finds a line without its stream. Past
+    ``max_bytes`` one truncation marker is written and the rest is discarded (still read, so
+    the job never blocks on a full pipe).
+    """
+
+    def __init__(self, log_path: str, streams_path: str, max_bytes: int) -> None:
+        self.log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        self.streams_fd = os.open(streams_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        self.max_bytes = max_bytes
+        self.bytes = os.fstat(self.log_fd).st_size
+        self.truncated = False
+        self.partial = {b"o": b"", b"e": b""}
+
+    def chown(self, uid: int, gid: int | None) -> None:
+        """Give the log files to the job's user."""
+        for fd in (self.log_fd, self.streams_fd):
+            os.fchown(fd, uid, gid if gid is not None else -1)
+
+    def feed(self, stream: bytes, data: bytes) -> None:
+        """Take a chunk read from ``stream`` (``b"o"`` or ``b"e"``)."""
+        data = self.partial[stream] + data
+        cut = data.rfind(b"\n") + 1
+        if cut == 0 and len(data) >= MAX_LINE:
+            data, cut = data + b"\n", len(data) + 1
+        self.partial[stream] = data[cut:]
+        if cut:
+            self._write_lines(stream, data[:cut])
+
+    def end(self, stream: bytes) -> None:
+        """The stream is closed: its last partial line is written with a newline."""
+        rest, self.partial[stream] = self.partial[stream], b""
+        if rest:
+            self._write_lines(stream, rest + b"\n")
+
+    def _write_lines(self, stream: bytes, lines: bytes) -> None:
+        if self.truncated:
+            return
+        room = self.max_bytes - self.bytes
+        if len(lines) > room:
+            lines = lines[: max(room, 0)]
+            if lines and not lines.endswith(b"\n"):
+                lines += b"\n"
+            marker = TRUNCATION_MARKER.format(cap=self.max_bytes).encode()
+            self._write(self.streams_fd, stream * lines.count(b"\n") + b"a")
+            self._write(self.log_fd, lines + marker)
+            self.truncated = True
+            return
+        self._write(self.streams_fd, stream * lines.count(b"\n"))
+        self._write(self.log_fd, lines)
+
+    def _write(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+            if fd == self.log_fd:
+                self.bytes += written
+
+    def close(self) -> None:
+        """Write what is pending and close the files."""
+        for stream in (b"o", b"e"):
+            self.end(stream)
+        os.close(self.log_fd)
+        os.close(self.streams_fd)
+
+
 class Shim:
     """Supervises one job until it and its leftovers are gone."""
 
@@ -127,10 +201,8 @@ class Shim:
         self.stop_requested_at: float | None = None
         self.kill_deadline: float | None = None
         self.killed_after_grace = False
-        self.log_fd = -1
-        self.log_bytes = 0
-        self.log_truncated = False
-        self.reader_fd = -1
+        self.output: JobOutput | None = None
+        self.readers: dict[int, bytes] = {}  # open pipe fd -> stream tag
 
     # -- start -------------------------------------------------------------------------
 
@@ -140,11 +212,13 @@ class Shim:
         Raises OSError / subprocess.SubprocessError when the exec failed.
         """
         spec = self.spec
-        self.log_fd = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        self.output = JobOutput(
+            spec.log_path, os.path.join(spec.job_dir, "output.streams"), spec.log_max_bytes
+        )
         if spec.uid is not None and os.geteuid() == 0:
-            os.fchown(self.log_fd, spec.uid, spec.gid if spec.gid is not None else -1)
-        self.log_bytes = os.fstat(self.log_fd).st_size
-        reader, writer = os.pipe()
+            self.output.chown(spec.uid, spec.gid)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
         try:
             kwargs: dict[str, Any] = {}
             if spec.uid is not None and spec.uid != os.geteuid():
@@ -154,20 +228,23 @@ class Shim:
                 cwd=spec.cwd,
                 env=spec.env,
                 stdin=subprocess.DEVNULL,
-                stdout=writer,
-                stderr=writer,
+                stdout=out_w,
+                stderr=err_w,
                 start_new_session=True,
                 close_fds=True,
                 umask=0o022,  # the agent may run with UMask=0077; jobs get the usual default
                 **kwargs,
             )
         except BaseException:
-            os.close(reader)
+            os.close(out_r)
+            os.close(err_r)
             raise
         finally:
-            os.close(writer)
-        self.reader_fd = reader
-        os.set_blocking(reader, False)
+            os.close(out_w)
+            os.close(err_w)
+        self.readers = {out_r: b"o", err_r: b"e"}
+        for fd in self.readers:
+            os.set_blocking(fd, False)
         pid = self.child.pid
         started = {
             "pid": pid,
@@ -187,24 +264,22 @@ class Shim:
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w)
-        selector = selectors.DefaultSelector()
-        selector.register(self.reader_fd, selectors.EVENT_READ, "output")
-        selector.register(wake_r, selectors.EVENT_READ, "wake")
+        self.selector = selectors.DefaultSelector()
+        for fd in self.readers:
+            self.selector.register(fd, selectors.EVENT_READ, "output")
+        self.selector.register(wake_r, selectors.EVENT_READ, "wake")
         while True:
-            for key, _ in selector.select(TICK_S):
-                if key.data == "output" and not self._pump():
-                    selector.unregister(self.reader_fd)
-                    os.close(self.reader_fd)
-                    self.reader_fd = -1
-                elif key.data == "wake":
+            for key, _ in self.selector.select(TICK_S):
+                if key.data == "output":
+                    self._pump(key.fd)
+                else:
                     os.read(wake_r, 512)
             self._reap()
             self._escalate()
             if self.exit_status is not None:
                 break
         self._finish_leftovers()
-        if self.reader_fd >= 0:
-            self._drain(deadline=time.monotonic() + 1.0)
+        self._drain(deadline=time.monotonic() + 1.0)
         self._write_exit()
 
     def request_stop(self, _signum: int = 0, _frame: Any = None) -> None:
@@ -260,10 +335,7 @@ class Shim:
             self._signal_tree(sig)
             if sig == signal.SIGKILL:
                 self.killed_after_grace = True
-            if self.reader_fd >= 0:
-                self._drain(deadline=time.monotonic() + TICK_S)
-            else:
-                time.sleep(TICK_S)
+            self._drain(deadline=time.monotonic() + TICK_S)
             self._reap()
             if time.monotonic() >= deadline:
                 sig = signal.SIGKILL
@@ -271,66 +343,51 @@ class Shim:
 
     # -- output ------------------------------------------------------------------------
 
-    def _pump(self) -> bool:
-        """Move available output to the log; False at end of file."""
+    def _pump(self, fd: int) -> None:
+        """Move available output of one pipe to the log; close the pipe at end of file."""
+        assert self.output is not None
         try:
-            data = os.read(self.reader_fd, READ_CHUNK)
+            data = os.read(fd, READ_CHUNK)
         except BlockingIOError:
-            return True
-        if not data:
-            return False
-        self._write_log(data)
-        return True
+            return
+        if data:
+            self.output.feed(self.readers[fd], data)
+            return
+        self.output.end(self.readers.pop(fd))
+        self.selector.unregister(fd)
+        os.close(fd)
 
     def _drain(self, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            try:
-                data = os.read(self.reader_fd, READ_CHUNK)
-            except BlockingIOError:
-                time.sleep(0.02)
-                continue
-            if not data:
-                break
-            self._write_log(data)
-
-    def _write_log(self, data: bytes) -> None:
-        if self.log_truncated:
-            return
-        room = self.spec.log_max_bytes - self.log_bytes
-        if len(data) > room:
-            data = data[: max(room, 0)]
-            marker = TRUNCATION_MARKER.format(cap=self.spec.log_max_bytes).encode()
-            self._write_all(data + marker)
-            self.log_truncated = True
-            return
-        self._write_all(data)
-
-    def _write_all(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            written = os.write(self.log_fd, view)
-            view = view[written:]
-            self.log_bytes += written
+        """Pump output until every pipe is at end of file or ``deadline`` passed (writers
+        that outlive the job may keep a pipe open)."""
+        while self.readers and time.monotonic() < deadline:
+            for key, _ in self.selector.select(min(0.05, max(deadline - time.monotonic(), 0))):
+                if key.data == "output":
+                    self._pump(key.fd)
+                else:
+                    os.read(key.fd, 512)
 
     # -- end ---------------------------------------------------------------------------
 
     def _write_exit(self) -> None:
+        """Close the log (writing pending partial lines), then record how the job ended."""
         status = self.exit_status if self.exit_status is not None else 0
-        exit_code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-        exit_signal = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        log_bytes, truncated = 0, False
+        if self.output is not None:
+            self.output.close()
+            log_bytes, truncated = self.output.bytes, self.output.truncated
         _atomic_json(
             os.path.join(self.spec.job_dir, "exit.json"),
             {
-                "exit_code": exit_code,
-                "exit_signal": exit_signal,
+                "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+                "exit_signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
                 "ended_at": time.time(),
                 "stop_requested_at": self.stop_requested_at,
                 "killed_after_grace": self.killed_after_grace,
-                "log_bytes": self.log_bytes,
-                "log_truncated": self.log_truncated,
+                "log_bytes": log_bytes,
+                "log_truncated": truncated,
             },
         )
-        os.close(self.log_fd)
 
 
 def _answer(line: dict[str, Any]) -> None:

@@ -69,11 +69,21 @@ class ArgusClient:
             loop.call_later(self._timeout.read or 10.0, lambda: loop.create_task(old.aclose()))
 
     async def _request(
-        self, method: str, path: str, token: str, json: Any | None = None
+        self,
+        method: str,
+        path: str,
+        token: str,
+        json: Any | None = None,
+        *,
+        content: bytes | None = None,
     ) -> httpx.Response:
         headers = {"Authorization": f"Bearer {token}"}
+        if content is not None:
+            headers["Content-Type"] = "application/json"
         try:
-            response = await self._http().request(method, path, json=json, headers=headers)
+            response = await self._http().request(
+                method, path, json=json, content=content, headers=headers
+            )
         except httpx.TimeoutException as exc:
             self._fresh_connection()
             raise TransientServerError(
@@ -82,6 +92,10 @@ class ArgusClient:
         except httpx.TransportError as exc:
             self._fresh_connection()
             raise TransientServerError(f"{method} {path}: {_transport_reason(exc)}") from None
+        except httpx.HTTPError as exc:  # e.g. a body that fails to decode
+            self._fresh_connection()
+            reason = str(exc) or type(exc).__name__
+            raise TransientServerError(f"{method} {path}: {reason}") from None
         if response.status_code >= 500:
             self._fresh_connection()
         if response.is_error:
@@ -95,6 +109,14 @@ class ArgusClient:
         body = {"hostname": hostname, "version": __version__, "capabilities": capabilities}
         response = await self._request("POST", "/api/agents/register", user_token, body)
         return RegisterResult.model_validate(_json(response))
+
+    async def whoami(self, user_token: str) -> str:
+        """The Argus username behind a reporter token (``GET /api/auth/me``)."""
+        response = await self._request("GET", "/api/auth/me", user_token)
+        body = _json(response)
+        if not isinstance(body, dict) or not isinstance(body.get("username"), str):
+            raise ProtocolError("GET /api/auth/me: answer has no 'username'")
+        return body["username"]
 
     async def poll(self, agent_id: str, agent_token: str) -> Any:
         """Fetch the pending commands; returns the decoded JSON body (see ``protocol``)."""
@@ -118,6 +140,16 @@ class ArgusClient:
             agent_token,
             ack_body(status, pid, error),
         )
+
+    async def post_events(self, user_token: str, bodies: list[bytes]) -> dict[str, Any]:
+        """``POST /api/events/batch`` with already-encoded events (at most 500); returns the
+        answer ``{accepted, rejected, results: [{event_id, status, error}]}``."""
+        content = b'{"events":[' + b",".join(bodies) + b"]}"
+        response = await self._request("POST", "/api/events/batch", user_token, content=content)
+        answer = _json(response)
+        if not isinstance(answer, dict) or not isinstance(answer.get("results"), list):
+            raise ProtocolError("POST /api/events/batch: answer has no 'results' list")
+        return answer
 
     async def heartbeat(self, agent_id: str, agent_token: str, note: str | None = None) -> None:
         """Tell the server this agent is alive."""

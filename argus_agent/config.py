@@ -166,6 +166,7 @@ class JobSettings(_Section):
     run_as: str | None = None
     users: dict[str, str] = Field(default_factory=dict)
     allow_root: bool = False
+    allowed_requesters: list[str] = Field(default_factory=list)
     env_deny: list[str] = Field(default_factory=lambda: list(DEFAULT_ENV_DENY))
     max_command_age_s: float = Field(default=3600.0, gt=0)
     max_jobs: int | None = Field(default=None, ge=1)
@@ -210,12 +211,29 @@ class JobSettings(_Section):
         return value
 
 
+class TelemetrySettings(_Section):
+    """Resource snapshots, log lines and lifecycle events of supervised jobs."""
+
+    enabled: bool = True
+    interval_s: float = Field(default=10.0, ge=0.5, le=3600)
+    gpu: Literal["auto", "nvml", "none"] = "auto"
+    gpu_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    logs: bool = True
+    log_poll_s: float = Field(default=0.5, ge=0.05, le=60)
+    log_max_lines_per_s: float = Field(default=1000.0, ge=0)
+    lifecycle_events: bool = True
+    project: str = Field(default="argus-agent", min_length=1, max_length=200)
+    outbox_max_mb: float = Field(default=512.0, gt=0)
+    send_batch_size: int = Field(default=500, ge=1, le=500)
+
+
 class Settings(_Section):
     """The whole, validated, frozen configuration."""
 
     server: ServerSettings = Field(default_factory=ServerSettings)
     agent: AgentSettings = Field(default_factory=AgentSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
 
     @property
     def token_path(self) -> Path:
@@ -227,6 +245,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "server": ServerSettings,
     "agent": AgentSettings,
     "jobs": JobSettings,
+    "telemetry": TelemetrySettings,
 }
 
 

@@ -25,6 +25,8 @@ class AgentCredentials:
     agent_token: str = field(repr=False)
     registered_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     poll_interval_s: float | None = None
+    #: The Argus user whose token registered this agent (None when not known).
+    owner: str | None = None
 
 
 def save_credentials(path: Path, creds: AgentCredentials) -> None:
@@ -66,6 +68,7 @@ def load_credentials(path: Path, *, check_mode: bool = True) -> AgentCredentials
             agent_token=str(data["agent_token"]),
             registered_at=str(data.get("registered_at", "")),
             poll_interval_s=_positive_or_none(data.get("poll_interval_s")),
+            owner=data["owner"] if isinstance(data.get("owner"), str) else None,
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         reason = f"missing key {exc}" if isinstance(exc, KeyError) else type(exc).__name__

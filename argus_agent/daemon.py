@@ -12,11 +12,14 @@ import asyncio
 import contextlib
 import os
 import time
+from dataclasses import asdict
 from typing import Any
 
 from argus_agent import __version__
 from argus_agent.argus_api import ArgusClient
 from argus_agent.audit import AuditLog
+from argus_agent.backoff import Backoff
+from argus_agent.channels.base import sleep_unless
 from argus_agent.channels.poll import PollChannel
 from argus_agent.config import Settings
 from argus_agent.control import SOCKET_NAME, ControlServer
@@ -28,8 +31,12 @@ from argus_agent.jobs.store import JobStore
 from argus_agent.jobs.supervisor import JobManager
 from argus_agent.ledger import CommandLedger
 from argus_agent.logsetup import get_logger
+from argus_agent.outbox import Outbox
+from argus_agent.sender import EventSender
 from argus_agent.status import AgentState
 from argus_agent.systemd import Notifier, watchdog_interval_s
+from argus_agent.telemetry.gpu import GpuBackend, GpuReader, open_backend
+from argus_agent.telemetry.manager import Telemetry
 
 log = get_logger(__name__)
 
@@ -48,10 +55,15 @@ class Agent:
         *,
         credentials: AgentCredentials | None = None,
         notifier: Notifier | None = None,
+        gpu_backend: GpuBackend | None = None,
     ) -> None:
         self.settings = settings
         self.notifier = notifier or Notifier()
         self._credentials = credentials
+        self._gpu_backend = gpu_backend
+        self.outbox: Outbox | None = None
+        self.telemetry: Telemetry | None = None
+        self.sender: EventSender | None = None
         self.ledger: CommandLedger | None = None
         self.jobs: JobManager | None = None
         self.state: AgentState | None = None
@@ -77,7 +89,28 @@ class Agent:
             )
         self.ledger = CommandLedger(state_dir / "state.db")
         self.ledger.prune(LEDGER_RETENTION_S)
+        self.outbox = Outbox(
+            state_dir / "outbox.db", max_bytes=int(settings.telemetry.outbox_max_mb * 1024 * 1024)
+        )
+        await self.outbox.start()
+        client = ArgusClient(settings.server.url, timeout_s=settings.server.timeout_s)
         self.jobs = JobManager(JobStore(state_dir / "jobs"), settings.jobs)
+        gpu = GpuReader(
+            self._gpu_backend
+            or open_backend(settings.telemetry.gpu if settings.telemetry.enabled else "none"),
+            timeout_s=settings.telemetry.gpu_timeout_s,
+        )
+        self.telemetry = Telemetry(
+            settings.telemetry, self.outbox, self.jobs, gpu, hostname=settings.agent.hostname
+        )
+        self.jobs.on_ended = self.telemetry.job_ended
+        self.sender = EventSender(
+            self.outbox,
+            client,
+            events_token(settings),
+            Backoff(settings.agent.backoff_initial_s, settings.agent.backoff_max_s),
+            batch_size=settings.telemetry.send_batch_size,
+        )
         adopted, ended_meanwhile = self.jobs.adopt_existing()
         self.jobs.prune(settings.jobs.retention_days * 86400)
         self.state = AgentState(
@@ -89,8 +122,9 @@ class Agent:
             hostname=settings.agent.hostname,
             state_dir=str(state_dir),
         )
-        client = ArgusClient(settings.server.url, timeout_s=settings.server.timeout_s)
-        dispatcher = Dispatcher(self.ledger, self.jobs, settings, AuditLog(state_dir / "audit.log"))
+        dispatcher = Dispatcher(
+            self.ledger, self.jobs, settings, AuditLog(state_dir / "audit.log"), owner=creds.owner
+        )
         channel = PollChannel(
             client,
             creds,
@@ -113,10 +147,15 @@ class Agent:
             hostname=settings.agent.hostname,
             readopted_jobs=len(adopted),
             ended_while_away=len(ended_meanwhile),
+            gpu=gpu.backend.name,
         )
         self.notifier.ready(f"polling {settings.server.url}")
         self.ready.set()
-        watchdog = asyncio.create_task(self._housekeeping(shutdown))
+        background = [
+            asyncio.create_task(self._housekeeping(shutdown)),
+            asyncio.create_task(self.telemetry.run(shutdown)),
+            asyncio.create_task(self.sender.run(shutdown)),
+        ]
         try:
             await channel.run(shutdown)
         finally:
@@ -125,13 +164,17 @@ class Agent:
                 running_jobs=len(self.jobs.running()),
             )
             self.notifier.stopping()
-            watchdog.cancel()
+            shutdown.set()
+            await self.jobs.shutdown()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(
-                    asyncio.gather(watchdog, return_exceptions=True), SHUTDOWN_TIMEOUT_S
+                    asyncio.gather(*background, return_exceptions=True), SHUTDOWN_TIMEOUT_S
                 )
-            await self.jobs.shutdown()
+            for task in background:
+                task.cancel()
             await control.close()
+            await self.outbox.close()
+            gpu.close()
             await client.aclose()
             self.ledger.close()
 
@@ -149,7 +192,7 @@ class Agent:
                 next_prune = time.monotonic() + PRUNE_EVERY_S
                 self.jobs.prune(self.settings.jobs.retention_days * 86400)
                 self.ledger.prune(LEDGER_RETENTION_S)
-            await asyncio.sleep(interval)
+            await sleep_unless(shutdown, interval)
 
     def snapshot(self) -> dict[str, Any]:
         """The status document served on the control socket."""
@@ -157,6 +200,19 @@ class Agent:
         data = self.state.to_dict()
         data["uptime_s"] = round(time.time() - self.state.started_at, 1)
         data["commands"] = self.ledger.counts()
+        if self.outbox is not None and self.sender is not None and self.telemetry is not None:
+            stats = self.outbox.stats()
+            data["telemetry"] = {
+                "outbox_queued": stats.queued,
+                "outbox_bytes": stats.bytes,
+                "dropped": stats.dropped,
+                "sender": asdict(self.sender.state),
+                "gpu": self.telemetry.gpu.backend.name,
+                "snapshots": self.telemetry.snapshots_sent,
+                "last_tick_ms": round(self.telemetry.last_tick_s * 1000, 2)
+                if self.telemetry.last_tick_s is not None
+                else None,
+            }
         data["jobs"] = [
             {
                 "batch_id": r.batch_id,
@@ -178,3 +234,30 @@ class Agent:
 def _one_line_status(state: AgentState, jobs: JobManager | None) -> str:
     running = len(jobs.running()) if jobs else 0
     return f"{state.channel.state}; {running} job(s) running"
+
+
+def events_token(settings: Settings) -> str | None:
+    """The reporter token for events: ARGUS_TOKEN or ``server.token`` (both land in
+    ``server.token``), else the first line of ``server.token_file``; None when none is set or
+    the file cannot be read (logged)."""
+    if settings.server.token:
+        return settings.server.token
+    path = settings.server.token_file
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        log.error(
+            "cannot read server.token_file; events will not be sent",
+            path=str(path),
+            error=exc.strerror,
+        )
+        return None
+    if not token.startswith("em_live_"):
+        log.error(
+            "server.token_file does not hold an em_live_ token; events will not be sent",
+            path=str(path),
+        )
+        return None
+    return token

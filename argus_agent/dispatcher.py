@@ -44,7 +44,9 @@ class Dispatcher:
         *,
         environ: Mapping[str, str] | None = None,
         userdb: UserDb | None = None,
+        owner: str | None = None,
     ) -> None:
+        self.owner = owner
         self.ledger = ledger
         self.jobs = jobs
         self.settings = settings
@@ -75,11 +77,8 @@ class Dispatcher:
                 self.ledger.record_result(item.id, status, pid=pid, error=error)
         elif entry.phase == "acting":
             # Claimed in an earlier life that died before recording a result.
-            record = self.jobs.get(item.batch_id)
-            if item.kind == "rerun" and record is not None and record.cmd_id == item.id:
-                self.ledger.record_result(item.id, "started", pid=record.pid)
-            else:
-                self.ledger.record_result(item.id, "failed", error=INTERRUPTED)
+            status, pid, error = await self._resume(item)
+            self.ledger.record_result(item.id, status, pid=pid, error=error)
         elif entry.phase == "acked":
             log.debug("command redelivered after ack; ignored", cmd_id=item.id)
             return
@@ -99,11 +98,28 @@ class Dispatcher:
         for entry in self.ledger.pending_acks():
             await self._send_ack(entry.cmd_id, ack)
 
+    async def _resume(self, command: Command) -> tuple[AckStatus, int | None, str | None]:
+        """The outcome of a command an earlier agent run began but did not finish.
+
+        A rerun is never started again: if its job got as far as the exec, it is acked
+        ``started``, else ``failed``. A stop is idempotent, so it is simply done again.
+        """
+        if command.kind == "stop":
+            return await self._act(command)
+        record = self.jobs.get(command.batch_id)
+        if record is not None and record.cmd_id == command.id and record.started:
+            return "started", record.pid, None
+        if record is not None and record.cmd_id == command.id and record.exit_note:
+            return "failed", None, f"{record.exit_note}; request the rerun again"
+        return "failed", None, INTERRUPTED
+
     async def _handle_malformed(self, item: MalformedCommand, ack: AckFn) -> None:
         log.warning("malformed command refused", cmd_id=item.cmd_id, reason=item.reason)
         if item.cmd_id is None:
             return
-        if self.ledger.begin(item.cmd_id, "malformed", None):
+        entry = self.ledger.get(item.cmd_id)
+        if entry is None or entry.phase == "acting":
+            self.ledger.begin(item.cmd_id, "malformed", None)
             self.ledger.record_result(item.cmd_id, "failed", error=item.reason)
         entry = self.ledger.get(item.cmd_id)
         if entry and entry.phase == "to_ack":
@@ -146,6 +162,7 @@ class Dispatcher:
             now=time.time(),
             running_jobs=len(self.jobs.running()),
             home=self.home,
+            owner=self.owner,
         )
         spec = build_launch_spec(
             command,

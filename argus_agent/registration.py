@@ -5,7 +5,10 @@ from __future__ import annotations
 from argus_agent.argus_api import ArgusClient
 from argus_agent.config import Settings
 from argus_agent.credentials import AgentCredentials, load_credentials, save_credentials
-from argus_agent.errors import NotRegisteredError, StateError
+from argus_agent.errors import NotRegisteredError, ServerError, StateError
+from argus_agent.logsetup import get_logger
+
+log = get_logger(__name__)
 
 CAPABILITIES = ["rerun", "stop"]
 
@@ -35,6 +38,11 @@ async def register_host(settings: Settings, user_token: str, *, force: bool) -> 
     client = ArgusClient(settings.server.url, timeout_s=settings.server.timeout_s)
     try:
         result = await client.register(user_token, settings.agent.hostname, CAPABILITIES)
+        try:
+            owner: str | None = await client.whoami(user_token)
+        except ServerError as exc:
+            log.warning("could not learn which Argus user registered this agent", error=str(exc))
+            owner = None
     finally:
         await client.aclose()
     creds = AgentCredentials(
@@ -42,6 +50,7 @@ async def register_host(settings: Settings, user_token: str, *, force: bool) -> 
         agent_id=result.agent_id,
         agent_token=result.agent_token,
         poll_interval_s=result.poll_interval_s,
+        owner=owner,
     )
     save_credentials(path, creds)
     return creds

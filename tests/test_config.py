@@ -50,7 +50,7 @@ def _error(tmp_path: Path, body: str, environ: dict[str, str] | None = None) -> 
         (
             '[sever]\nurl = "http://127.0.0.1"\n',
             {},
-            "config.toml: sever: unknown key; expected one of agent, jobs, server",
+            "config.toml: sever: unknown key; expected one of agent, jobs, server, telemetry",
         ),
         (
             '[agent]\nlog_level = "loud"\n',
@@ -102,7 +102,8 @@ def _error(tmp_path: Path, body: str, environ: dict[str, str] | None = None) -> 
             "",
             {"ARGUS_AGENT_JOBS_GRACE": "3"},
             "environment ARGUS_AGENT_JOBS_GRACE: jobs.grace: unknown key; expected one of "
-            "allow_root, default_cwd, env_deny, inherit_argus_token, kill_leftovers, "
+            "allow_root, allowed_requesters, default_cwd, env_deny, inherit_argus_token, "
+            "kill_leftovers, "
             "log_max_bytes, max_command_age_s, max_jobs, retention_days, run_as, shell, "
             "stop_grace_s, users",
         ),

@@ -58,6 +58,7 @@ def _spec(
     uid: int = 1001,
     running: int = 0,
     created_at: str | None = None,
+    owner: str | None = "alice",
     **jobs: object,
 ):
     base = {"command": "python t.py", "host": "gpu-01", "requested_by": "alice"}
@@ -72,7 +73,7 @@ def _spec(
         command,
         settings=_settings(**jobs),
         base_env={"PATH": "/bin", "HOME": "/agent"},
-        facts=HostFacts(agent_uid=uid, now=NOW, running_jobs=running, home=Path("/")),
+        facts=HostFacts(agent_uid=uid, now=NOW, running_jobs=running, home=Path("/"), owner=owner),
         userdb=FakeUsers(),
     )
 
@@ -282,3 +283,20 @@ def test_env_deny_list_drops_and_reports() -> None:
     )
     assert kept == {"OK": "1"} and dropped == ["LD_PRELOAD", "BASH_FUNC_x"]
     assert policy.check_env({"LD_PRELOAD": "x"}, [])[0] == {"LD_PRELOAD": "x"}
+
+
+def test_per_user_agent_runs_only_its_owners_reruns() -> None:
+    with pytest.raises(PayloadError) as caught:
+        _spec({"cwd": "/", "requested_by": "bob"}, uid=1500)
+    assert str(caught.value) == (
+        "Argus user 'bob' may not run jobs through this per-user agent of 'alice'; "
+        "list them in jobs.allowed_requesters"
+    )
+    assert _spec({"cwd": "/", "requested_by": "bob"}, uid=1500, allowed_requesters=["bob"])
+    assert _spec({"cwd": "/", "requested_by": "eve"}, uid=1500, allowed_requesters=["*"])
+    with pytest.raises(PayloadError) as caught:
+        _spec({"cwd": "/"}, uid=1500, owner=None)
+    assert str(caught.value) == (
+        "this per-user agent does not know which Argus user it belongs to; re-register it "
+        "(argus-agent register --force) or set jobs.allowed_requesters"
+    )

@@ -73,7 +73,12 @@ class PollChannel:
         heartbeat = asyncio.create_task(self._heartbeat_loop(shutdown))
         try:
             while not shutdown.is_set():
-                delay = await self.poll_once()
+                try:
+                    delay = await self.poll_once()
+                except Exception as exc:  # a bug must not end the channel: log, back off
+                    log.exception("unexpected error in the poll loop; retrying")
+                    delay = self.backoff.next_delay()
+                    self.state.failed("backing_off", f"agent error: {exc!r}", delay)
                 if self.state.state == "auth_rejected":
                     if await self._sleep_watching_token(shutdown, delay):
                         break

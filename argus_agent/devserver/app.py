@@ -112,6 +112,17 @@ def create_app(
     User = Annotated[Principal, Depends(current_user)]
     Reporter = Annotated[Principal, Depends(reporter)]
 
+    @app.get("/api/auth/me")
+    async def me(user: User) -> dict[str, Any]:
+        """The user behind the token (the real server answers the same for em_live)."""
+        return {
+            "id": user.user_id,
+            "username": user.username,
+            "email": f"{user.username}@dev",
+            "is_admin": user.is_admin,
+            "email_verified": True,
+        }
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}

@@ -186,14 +186,30 @@ def resolve_identity(
     run_as: str | None,
     allow_root: bool,
     userdb: UserDb,
+    owner: str | None = None,
+    allowed_requesters: Sequence[str] = (),
 ) -> Identity:
-    """Who the job runs as. A per-user agent (not root) runs every job as itself. A system
-    agent (root) maps the Argus user who asked (``jobs.users``), else uses ``jobs.run_as``;
-    root only with ``allow_root``."""
+    """Who the job runs as. A per-user agent (not root) runs every job as itself, and only
+    for the Argus user it was registered by (``owner``) or those in ``allowed_requesters``
+    (``*``: anyone): Argus sends a host's commands to whichever agent of that host polled
+    last, so another user's per-user agent must not run them. A system agent (root) maps the
+    Argus user who asked (``jobs.users``), else uses ``jobs.run_as``; root only with
+    ``allow_root``."""
+    who = requested_by if isinstance(requested_by, str) and requested_by else None
     if agent_uid != 0:
+        allowed = set(allowed_requesters) | ({owner} if owner else set())
+        if not allowed:
+            raise PayloadError(
+                "this per-user agent does not know which Argus user it belongs to; "
+                "re-register it (argus-agent register --force) or set jobs.allowed_requesters"
+            )
+        if "*" not in allowed and who not in allowed:
+            raise PayloadError(
+                f"Argus user {who!r} may not run jobs through this per-user agent of "
+                f"{owner!r}; list them in jobs.allowed_requesters"
+            )
         entry = userdb.by_uid(agent_uid)
     else:
-        who = requested_by if isinstance(requested_by, str) and requested_by else None
         name = users.get(who) if who else None
         if name is None:
             name = run_as

@@ -17,9 +17,16 @@ import os
 import signal
 import time
 
-from argus_agent.jobs.shim import descendants, start_ticks
+from argus_agent.jobs.shim import boot_id, descendants, start_ticks
 
-__all__ = ["descendants", "is_same_process", "job_tree", "start_ticks", "terminate_tree"]
+__all__ = [
+    "boot_id",
+    "descendants",
+    "is_same_process",
+    "job_tree",
+    "start_ticks",
+    "terminate_tree",
+]
 
 
 def _state(pid: int) -> str | None:

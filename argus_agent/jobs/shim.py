@@ -41,6 +41,7 @@ PR_SET_CHILD_SUBREAPER = 36
 TICK_S = 0.2
 READ_CHUNK = 1 << 16
 MAX_LINE = 1 << 16
+PROGRESS_FLUSH_S = 1.0
 TRUNCATION_MARKER = (
     "[argus-agent] log truncated: output reached log_max_bytes ({cap} bytes); "
     "further output of this job is discarded\n"
@@ -55,6 +56,15 @@ def start_ticks(pid: int) -> int | None:
     except OSError:
         return None
     return int(data[data.rindex(b")") + 2 :].split()[19])
+
+
+def boot_id() -> str | None:
+    """This boot's id (start ticks only identify a process within one boot)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
 
 
 def _proc_table() -> dict[int, tuple[int, str]]:
@@ -98,6 +108,11 @@ def _atomic_json(path: str, value: Any) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 class _Spec:
@@ -136,7 +151,9 @@ class JobOutput:
         self.max_bytes = max_bytes
         self.bytes = os.fstat(self.log_fd).st_size
         self.truncated = False
+        self.error: str | None = None
         self.partial = {b"o": b"", b"e": b""}
+        self.partial_since = {b"o": 0.0, b"e": 0.0}
 
     def chown(self, uid: int, gid: int | None) -> None:
         """Give the log files to the job's user."""
@@ -145,13 +162,25 @@ class JobOutput:
 
     def feed(self, stream: bytes, data: bytes) -> None:
         """Take a chunk read from ``stream`` (``b"o"`` or ``b"e"``)."""
+        if not self.partial[stream]:
+            self.partial_since[stream] = time.monotonic()
         data = self.partial[stream] + data
         cut = data.rfind(b"\n") + 1
         if cut == 0 and len(data) >= MAX_LINE:
             data, cut = data + b"\n", len(data) + 1
         self.partial[stream] = data[cut:]
         if cut:
+            self.partial_since[stream] = time.monotonic()
             self._write_lines(stream, data[:cut])
+
+    def flush_progress(self, idle_s: float) -> None:
+        """Write out a partial line that redraws itself (``\r``, a progress bar) once it has
+        waited ``idle_s`` for its newline, so followers of the log see progress."""
+        now = time.monotonic()
+        for stream, pending in self.partial.items():
+            if b"\r" in pending and now - self.partial_since[stream] >= idle_s:
+                self.partial[stream] = b""
+                self._write_lines(stream, pending + b"\n")
 
     def end(self, stream: bytes) -> None:
         """The stream is closed: its last partial line is written with a newline."""
@@ -176,9 +205,17 @@ class JobOutput:
         self._write(self.log_fd, lines)
 
     def _write(self, fd: int, data: bytes) -> None:
+        """Write all of ``data``. A failing disk (full, quota, I/O error) must not end the
+        shim: the log is closed for further output and the error recorded; the job runs on
+        and its output is still read (and discarded), so it never blocks."""
         view = memoryview(data)
         while view:
-            written = os.write(fd, view)
+            try:
+                written = os.write(fd, view)
+            except OSError as exc:
+                self.error = f"writing the log failed: {exc.strerror or exc}"
+                self.truncated = True
+                return
             view = view[written:]
             if fd == self.log_fd:
                 self.bytes += written
@@ -245,6 +282,20 @@ class Shim:
         self.readers = {out_r: b"o", err_r: b"e"}
         for fd in self.readers:
             os.set_blocking(fd, False)
+        try:
+            if self.stop_requested_at is not None:
+                raise OSError("the agent gave up waiting for the launch")
+            return self._started()
+        except BaseException:
+            # Never leave a job running that the agent is told did not start.
+            with contextlib.suppress(OSError):
+                os.killpg(self.child.pid, signal.SIGKILL)
+            self.child.wait()
+            raise
+
+    def _started(self) -> dict[str, Any]:
+        assert self.child is not None
+        spec = self.spec
         pid = self.child.pid
         started = {
             "pid": pid,
@@ -252,6 +303,7 @@ class Shim:
             "start_ticks": start_ticks(pid),
             "shim_pid": os.getpid(),
             "shim_start_ticks": start_ticks(os.getpid()),
+            "boot_id": boot_id(),
             "started_at": time.time(),
         }
         _atomic_json(os.path.join(spec.job_dir, "started.json"), started)
@@ -276,11 +328,15 @@ class Shim:
                     os.read(wake_r, 512)
             self._reap()
             self._escalate()
+            if self.output is not None:
+                self.output.flush_progress(PROGRESS_FLUSH_S)
             if self.exit_status is not None:
                 break
-        self._finish_leftovers()
-        self._drain(deadline=time.monotonic() + 1.0)
-        self._write_exit()
+        try:
+            self._finish_leftovers()
+            self._drain(deadline=time.monotonic() + 1.0)
+        finally:
+            self._write_exit()
 
     def request_stop(self, _signum: int = 0, _frame: Any = None) -> None:
         """SIGTERM handler: signal the tree now; the loop escalates after the grace."""
@@ -294,11 +350,13 @@ class Shim:
         except (OSError, ValueError, TypeError, AttributeError):
             pass
         self.kill_deadline = time.monotonic() + grace
-        self._signal_tree(signal.SIGTERM)
+        if self.child is not None:
+            self._signal_tree(signal.SIGTERM)
 
     def _signal_tree(self, sig: int) -> int:
         pids = descendants(os.getpid())
-        if self.child is not None:
+        if self.child is not None and self.exit_status is None:
+            # Once reaped, the job's pid (and group id) may be reused: only its descendants.
             with contextlib.suppress(OSError):
                 os.killpg(self.child.pid, sig)
         for pid in pids:
@@ -373,9 +431,12 @@ class Shim:
         """Close the log (writing pending partial lines), then record how the job ended."""
         status = self.exit_status if self.exit_status is not None else 0
         log_bytes, truncated = 0, False
+        log_error = None
         if self.output is not None:
-            self.output.close()
+            with contextlib.suppress(OSError):
+                self.output.close()
             log_bytes, truncated = self.output.bytes, self.output.truncated
+            log_error = self.output.error
         _atomic_json(
             os.path.join(self.spec.job_dir, "exit.json"),
             {
@@ -386,8 +447,13 @@ class Shim:
                 "killed_after_grace": self.killed_after_grace,
                 "log_bytes": log_bytes,
                 "log_truncated": truncated,
+                "log_error": log_error,
             },
         )
+
+
+def _ignore(_signum: int, _frame: Any) -> None:
+    """A handler that does nothing."""
 
 
 def _answer(line: dict[str, Any]) -> None:
@@ -402,8 +468,10 @@ def _answer(line: dict[str, Any]) -> None:
 
 def main() -> int:
     """Entry point: read the spec, launch, answer, supervise. Returns the shim's exit code."""
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_IGN)
+    # The shim shrugs these off; a handled signal (unlike an ignored one) is reset to its
+    # default in the job at exec, so the job sees SIGINT, SIGHUP, SIGUSR1... as usual.
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, _ignore)
     try:
         spec = _Spec(json.loads(sys.stdin.buffer.read()))
     except (ValueError, KeyError, TypeError) as exc:

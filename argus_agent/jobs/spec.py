@@ -56,6 +56,7 @@ class HostFacts:
     now: float
     running_jobs: int
     home: Path
+    owner: str | None = None  # the Argus user who registered this agent
 
 
 def render_override(key: str, value: Any) -> str:
@@ -115,6 +116,8 @@ def build_launch_spec(
         run_as=jobs.run_as,
         allow_root=jobs.allow_root,
         userdb=userdb or UserDb(),
+        owner=facts.owner,
+        allowed_requesters=jobs.allowed_requesters,
     )
     default_cwd = jobs.default_cwd or (Path(identity.home) if facts.agent_uid == 0 else facts.home)
     cwd = policy.check_cwd(payload.get("cwd"), default_cwd, identity)

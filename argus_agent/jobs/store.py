@@ -42,7 +42,15 @@ INTENT_FIELDS = (
     "gid",
     "launched_at",
 )
-STARTED_FIELDS = ("pid", "pgid", "start_ticks", "shim_pid", "shim_start_ticks", "started_at")
+STARTED_FIELDS = (
+    "pid",
+    "pgid",
+    "start_ticks",
+    "shim_pid",
+    "shim_start_ticks",
+    "boot_id",
+    "started_at",
+)
 STOP_FIELDS = ("stop_requested_by", "stop_requested_at", "stop_grace_s")
 EXIT_FIELDS = (
     "exit_code",
@@ -75,6 +83,7 @@ class JobRecord:
     start_ticks: int | None = None
     shim_pid: int | None = None
     shim_start_ticks: int | None = None
+    boot_id: str | None = None
     started_at: float | None = None
     stop_requested_by: str | None = None
     stop_requested_at: float | None = None
@@ -85,6 +94,7 @@ class JobRecord:
     exit_note: str | None = None
     killed_after_grace: bool | None = None
     log_truncated: bool | None = None
+    log_error: str | None = None
 
     @property
     def started(self) -> bool:

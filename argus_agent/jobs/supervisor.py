@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,8 @@ SHIM_PATH = Path(__file__).with_name("shim.py")
 ADOPTED_POLL_S = 0.5
 #: How long the shim may take to report that the exec succeeded or failed.
 LAUNCH_TIMEOUT_S = 30.0
+#: How long shutdown waits for job ends still being reported (they are retried at next start).
+SHUTDOWN_REPORT_S = 10.0
 LOST = "the job's supervisor ended without recording an exit status"
 
 
@@ -48,11 +51,22 @@ class _Job:
 class JobManager:
     """The jobs this agent supervises. Use from one event loop."""
 
-    def __init__(self, store: JobStore, settings: JobSettings, *, python: str | None = None):
+    def __init__(
+        self,
+        store: JobStore,
+        settings: JobSettings,
+        *,
+        python: str | None = None,
+        on_ended: Callable[[JobRecord], Awaitable[None]] | None = None,
+    ):
         self.store = store
         self.settings = settings
         self.python = python or sys.executable
+        #: Called once per job end (also for jobs that ended while the agent was away); the
+        #: end counts as reported only once it returned.
+        self.on_ended = on_ended
         self._jobs: dict[str, _Job] = {}
+        self._reports: set[asyncio.Task[None]] = set()
 
     # -- queries -------------------------------------------------------------------------
 
@@ -93,8 +107,10 @@ class JobManager:
                 if not _was_reported(self.store, record):
                     ended_meanwhile.append(record)
                 continue
-            if proctree.is_same_process(record.shim_pid, record.shim_start_ticks) or (
-                proctree.is_same_process(record.pid, record.start_ticks)
+            same_boot = record.boot_id in (None, proctree.boot_id())
+            if same_boot and (
+                proctree.is_same_process(record.shim_pid, record.shim_start_ticks)
+                or proctree.is_same_process(record.pid, record.start_ticks)
             ):
                 job.watcher = asyncio.create_task(self._watch_adopted(job))
                 adopted.append(record)
@@ -210,9 +226,7 @@ class JobManager:
             line = await asyncio.wait_for(process.stdout.readline(), LAUNCH_TIMEOUT_S)
             answer = json.loads(line) if line else {"ok": False, "error": _shim_died(job_dir)}
         except (TimeoutError, ConnectionError, ValueError) as exc:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
+            await _end_shim(process)
             reason = str(exc) or type(exc).__name__
             raise LaunchError(f"the job supervisor did not answer: {reason}") from None
         if not answer.get("ok"):
@@ -277,6 +291,9 @@ class JobManager:
 
     async def shutdown(self) -> None:
         """Stop watching; running jobs are left running under their shims."""
+        if self._reports:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.reports_done(), SHUTDOWN_REPORT_S)
         tasks = [t for j in self._jobs.values() for t in (j.watcher, j.fallback_stop) if t]
         for task in tasks:
             task.cancel()
@@ -286,6 +303,17 @@ class JobManager:
 
     async def _watch_child(self, job: _Job, process: asyncio.subprocess.Process) -> None:
         await process.wait()
+        record = job.record
+        exit_file = self.store.job_dir(record.batch_id) / "exit.json"
+        if not exit_file.exists() and proctree.is_same_process(record.pid, record.start_ticks):
+            log.error(
+                "the job's supervisor died while the job runs; the agent watches the "
+                "job itself (stop still works, the exit status will be unknown)",
+                batch_id=record.batch_id,
+                shim_exit=process.returncode,
+            )
+            await self._watch_adopted(job)
+            return
         self._ended(job)
 
     async def _watch_adopted(self, job: _Job) -> None:
@@ -308,8 +336,32 @@ class JobManager:
             record = job.record
         job.record = record
         job.ended.set()
-        mark_reported(self.store, record)
         log.info("job ended", batch_id=record.batch_id, outcome=record.describe_exit())
+        self._report(record)
+
+    def _report(self, record: JobRecord) -> None:
+        """Hand a job's end to ``on_ended`` (in the background) and remember it was reported."""
+
+        async def report() -> None:
+            try:
+                if self.on_ended is not None:
+                    await self.on_ended(record)
+            except Exception:
+                log.exception(
+                    "reporting a job's end failed; it is retried at the next start",
+                    batch_id=record.batch_id,
+                )
+                return
+            mark_reported(self.store, record)
+
+        task = asyncio.create_task(report())
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def reports_done(self) -> None:
+        """Wait until every job end handed to ``on_ended`` so far was reported."""
+        while self._reports:
+            await asyncio.gather(*list(self._reports), return_exceptions=True)
 
     def _mark_lost(self, job: _Job, note: str) -> None:
         try:
@@ -318,6 +370,19 @@ class JobManager:
         except (OSError, ValueError, TypeError):
             job.record = job.record.with_changes(ended_at=time.time(), exit_note=note)
         job.ended.set()
+
+
+async def _end_shim(process: asyncio.subprocess.Process) -> None:
+    """Make a shim that did not answer go away, with whatever it may have started: SIGTERM
+    (it stops the job's tree, or kills a job it is still starting), SIGKILL if it lingers."""
+    with contextlib.suppress(ProcessLookupError):
+        process.terminate()
+    try:
+        await asyncio.wait_for(process.wait(), 5.0)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
 
 
 def _shim_died(job_dir: Path) -> str:

@@ -1,0 +1,89 @@
+"""Argus event envelopes (schema 1.1), built when an event is created. Pure.
+
+Each event gets its ``event_id`` here, once, so every later resend (after a lost answer, an
+outage or an agent restart) carries the same id and Argus de-duplicates it.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+SCHEMA_VERSION = "1.1"
+
+
+class EventKind(StrEnum):
+    """How the outbox treats an event when it is full."""
+
+    LIFECYCLE = "lifecycle"  # batch_done / batch_failed: never dropped
+    NOTICE = "notice"  # the agent telling a batch something (e.g. drops): never dropped
+    SNAPSHOT = "snapshot"  # resource_snapshot: dropped first when full
+    LOG = "log"  # log_line: dropped first when full
+
+    @property
+    def droppable(self) -> bool:
+        """Whether a full outbox may drop events of this kind."""
+        return self in (EventKind.SNAPSHOT, EventKind.LOG)
+
+
+@dataclass(frozen=True)
+class OutEvent:
+    """One encoded event waiting in the outbox."""
+
+    event_id: str
+    kind: EventKind
+    batch_id: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class EventSource:
+    """The ``source`` block shared by a job's events."""
+
+    project: str
+    host: str
+    user: str | None = None
+    command: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form (absent fields left out)."""
+        data: dict[str, Any] = {"project": self.project, "host": self.host}
+        if self.user:
+            data["user"] = self.user
+        if self.command:
+            data["command"] = self.command[:4096]
+        return data
+
+
+def utc_timestamp(epoch: float | None = None) -> str:
+    """ISO 8601 UTC with microseconds and a ``Z``."""
+    moment = datetime.now(UTC) if epoch is None else datetime.fromtimestamp(epoch, UTC)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def make_event(
+    event_type: str,
+    kind: EventKind,
+    batch_id: str,
+    source: EventSource,
+    data: dict[str, Any],
+    *,
+    timestamp: float | None = None,
+) -> OutEvent:
+    """Build and encode one event with a fresh ``event_id``."""
+    event_id = uuid.uuid4().hex
+    envelope = {
+        "event_id": event_id,
+        "schema_version": SCHEMA_VERSION,
+        "event_type": event_type,
+        "timestamp": utc_timestamp(timestamp),
+        "batch_id": batch_id,
+        "source": source.as_dict(),
+        "data": data,
+    }
+    body = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False, default=str)
+    return OutEvent(event_id, kind, batch_id, body.encode())

@@ -1,0 +1,369 @@
+"""The durable outbox: every event goes here first, and leaves only once Argus has it.
+
+SQLite in WAL mode (``<state_dir>/outbox.db``), owned by one writer thread so the event loop
+never waits on disk. Producers ``await put(...)``, which returns once the events are
+committed with ``synchronous=FULL`` (fsynced). Puts that arrive while a commit runs are
+committed together (group commit), so throughput stays high without a timer.
+
+Durability: an event whose ``put`` returned survives an agent crash and a power cut. The
+worst-case loss on a power cut is what was handed to ``put`` but not yet committed: the puts
+queued during one commit (a few milliseconds of events), whose producers were not yet told
+they are durable. Log lines are committed together with their log file offset, so after any
+crash the tailer resumes exactly after the last committed line: nothing lost, nothing twice.
+
+Bounded: the events' bytes are capped (``max_bytes``). When a put would pass the cap, the
+oldest resource snapshots and log lines are dropped first, and counted per batch (the count
+is reported in status and to the batch as a notice); lifecycle events and notices are never
+dropped, even if that means passing the cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from argus_agent.events import EventKind, OutEvent
+from argus_agent.logsetup import get_logger
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    kind     TEXT NOT NULL,
+    batch_id TEXT NOT NULL,
+    size     INTEGER NOT NULL,
+    body     BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS log_offsets (
+    batch_id TEXT PRIMARY KEY,
+    offset   INTEGER NOT NULL,
+    line_no  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS drops (
+    batch_id TEXT NOT NULL,
+    kind     TEXT NOT NULL,
+    count    INTEGER NOT NULL,
+    reported INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (batch_id, kind)
+);
+"""
+#: At most this many events go into one transaction.
+MAX_GROUP_ROWS = 20_000
+DROPPABLE = tuple(k.value for k in EventKind if k.droppable)
+
+
+@dataclass(frozen=True)
+class LogOffset:
+    """How far a job's log has been turned into events (committed with those events)."""
+
+    batch_id: str
+    offset: int
+    line_no: int
+
+
+@dataclass
+class _Put:
+    events: Sequence[OutEvent]
+    offsets: Sequence[LogOffset]
+    future: asyncio.Future[None]
+
+
+@dataclass
+class _Call:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+
+
+@dataclass
+class OutboxStats:
+    """Counters for status."""
+
+    queued: int = 0
+    bytes: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+class Outbox:
+    """A durable, bounded FIFO of encoded events. Start with ``await start()`` in a loop."""
+
+    def __init__(self, path: Path, *, max_bytes: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self._queue: queue.SimpleQueue[_Put | _Call | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._bytes = 0
+        self._queued = 0
+        self._dropped: dict[str, int] = {}
+        self.changed = asyncio.Event()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the database in the writer thread. Raises sqlite3.Error / OSError."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="argus-outbox", daemon=True)
+        self._thread.start()
+        await self.call(lambda db: None)
+
+    async def close(self) -> None:
+        """Finish what is queued, then stop the writer thread; idempotent."""
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+    # -- producers -----------------------------------------------------------------------
+
+    async def put(self, events: Sequence[OutEvent], offsets: Sequence[LogOffset] = ()) -> None:
+        """Append events (and log offsets) durably; returns once committed.
+
+        Raises sqlite3.Error when the disk refuses (the events are then not stored).
+        """
+        if not events and not offsets:
+            return
+        future = self._loop_future()
+        self._queue.put(_Put(events, offsets, future))
+        await future
+
+    # -- consumers -----------------------------------------------------------------------
+
+    async def peek(self, limit: int) -> list[tuple[int, str, bytes]]:
+        """The oldest ``limit`` events as (seq, event id, encoded body)."""
+        return await self.call(
+            lambda db: db.execute(
+                "SELECT seq, event_id, body FROM events ORDER BY seq LIMIT ?", (limit,)
+            ).fetchall()
+        )
+
+    async def remove(self, seqs: Sequence[int]) -> None:
+        """Forget events the server has (accepted, de-duplicated, or rejected for good)."""
+        if seqs:
+            await self.call(lambda db: self._remove(db, seqs))
+
+    async def log_offsets(self) -> dict[str, LogOffset]:
+        """Every job's committed log offset."""
+        rows = await self.call(
+            lambda db: db.execute("SELECT batch_id, offset, line_no FROM log_offsets").fetchall()
+        )
+        return {b: LogOffset(b, o, n) for b, o, n in rows}
+
+    async def forget_log_offset(self, batch_id: str) -> None:
+        """Drop a job's offset once its log is fully read and its job pruned."""
+        await self.call(
+            lambda db: db.execute("DELETE FROM log_offsets WHERE batch_id = ?", (batch_id,))
+        )
+
+    async def unreported_drops(self) -> dict[str, dict[str, int]]:
+        """batch id → kind → events dropped and not yet told to the batch."""
+        rows = await self.call(
+            lambda db: db.execute(
+                "SELECT batch_id, kind, count - reported FROM drops WHERE count > reported"
+            ).fetchall()
+        )
+        found: dict[str, dict[str, int]] = {}
+        for batch_id, kind, count in rows:
+            found.setdefault(batch_id, {})[kind] = count
+        return found
+
+    async def mark_drops_reported(
+        self, batch_id: str, counts: dict[str, int], notice: OutEvent
+    ) -> None:
+        """Queue the notice telling a batch of its drops, and remember it was told (one
+        transaction, so the notice is sent exactly once)."""
+
+        def tx(db: sqlite3.Connection) -> None:
+            with db:
+                self._insert(db, [notice])
+                for kind, count in counts.items():
+                    db.execute(
+                        "UPDATE drops SET reported = reported + ? WHERE batch_id = ? AND kind = ?",
+                        (count, batch_id, kind),
+                    )
+
+        await self.call(tx)
+
+    def stats(self) -> OutboxStats:
+        """Counters as of the last commit (cheap, no I/O)."""
+        return OutboxStats(self._queued, self._bytes, dict(self._dropped))
+
+    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(db)`` in the writer thread (in order with puts) and return its result."""
+        future = self._loop_future()
+        self._queue.put(_Call(fn, future))
+        return await future
+
+    # -- the writer thread ---------------------------------------------------------------
+
+    def _loop_future(self) -> asyncio.Future[Any]:
+        if self._thread is None or self._loop is None:
+            raise RuntimeError("outbox not started")
+        return self._loop.create_future()
+
+    def _run(self) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(SCHEMA)
+            self._bytes, self._queued = db.execute(
+                "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM events"
+            ).fetchone()
+            for kind, count in db.execute("SELECT kind, SUM(count) FROM drops GROUP BY kind"):
+                self._dropped[kind] = count
+            self._serve(db)
+        finally:
+            db.close()
+
+    def _serve(self, db: sqlite3.Connection) -> None:
+        pending: _Put | _Call | None = None
+        while True:
+            item = pending or self._queue.get()
+            pending = None
+            if item is None:
+                return
+            if isinstance(item, _Call):
+                self._resolve(item.future, item.fn, db)
+                continue
+            group = [item]
+            rows = len(item.events)
+            while rows < MAX_GROUP_ROWS:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if not isinstance(nxt, _Put):
+                    pending = nxt
+                    break
+                group.append(nxt)
+                rows += len(nxt.events)
+            try:
+                with db:
+                    for put in group:
+                        self._insert(db, put.events)
+                        for off in put.offsets:
+                            db.execute(
+                                "INSERT INTO log_offsets (batch_id, offset, line_no) VALUES "
+                                "(?, ?, ?) ON CONFLICT(batch_id) DO UPDATE SET "
+                                "offset = excluded.offset, line_no = excluded.line_no",
+                                (off.batch_id, off.offset, off.line_no),
+                            )
+            except sqlite3.Error as exc:
+                self._recount(db)
+                for put in group:
+                    self._fail(put.future, exc)
+                continue
+            for put in group:
+                self._succeed(put.future, None)
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self.changed.set)
+
+    def _insert(self, db: sqlite3.Connection, events: Sequence[OutEvent]) -> None:
+        size = sum(len(e.body) for e in events)
+        if self._bytes + size > self.max_bytes:
+            self._make_room(db, self._bytes + size - self.max_bytes)
+        db.executemany(
+            "INSERT OR IGNORE INTO events (event_id, kind, batch_id, size, body) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(e.event_id, e.kind.value, e.batch_id, len(e.body), e.body) for e in events],
+        )
+        self._bytes += size
+        self._queued += len(events)
+
+    def _make_room(self, db: sqlite3.Connection, needed: int) -> None:
+        """Delete the oldest droppable events until ``needed`` bytes are free (or none is
+        left to drop), counting them per batch and kind."""
+        freed = 0
+        while freed < needed:
+            rows = db.execute(
+                f"SELECT seq, kind, batch_id, size FROM events WHERE kind IN "
+                f"({','.join('?' * len(DROPPABLE))}) ORDER BY seq LIMIT 1000",
+                DROPPABLE,
+            ).fetchall()
+            if not rows:
+                return
+            chosen = []
+            counts: dict[tuple[str, str], int] = {}
+            for seq, kind, batch_id, size in rows:
+                chosen.append((seq,))
+                counts[(batch_id, kind)] = counts.get((batch_id, kind), 0) + 1
+                freed += size
+                self._bytes -= size
+                self._queued -= 1
+                if freed >= needed:
+                    break
+            db.executemany("DELETE FROM events WHERE seq = ?", chosen)
+            for (batch_id, kind), count in counts.items():
+                db.execute(
+                    "INSERT INTO drops (batch_id, kind, count) VALUES (?, ?, ?) ON CONFLICT"
+                    "(batch_id, kind) DO UPDATE SET count = count + excluded.count",
+                    (batch_id, kind, count),
+                )
+                self._dropped[kind] = self._dropped.get(kind, 0) + count
+        log.warning(
+            "outbox full: dropped the oldest snapshots and log lines",
+            freed_bytes=freed,
+            max_bytes=self.max_bytes,
+        )
+
+    def _remove(self, db: sqlite3.Connection, seqs: Sequence[int]) -> None:
+        total = count = 0
+        with db:
+            for start in range(0, len(seqs), 500):
+                chunk = list(seqs[start : start + 500])
+                marks = ",".join("?" * len(chunk))
+                size, found = db.execute(
+                    f"SELECT COALESCE(SUM(size), 0), COUNT(*) FROM events WHERE seq IN ({marks})",
+                    chunk,
+                ).fetchone()
+                db.execute(f"DELETE FROM events WHERE seq IN ({marks})", chunk)
+                total += size
+                count += found
+        self._bytes -= total
+        self._queued -= count
+
+    def _recount(self, db: sqlite3.Connection) -> None:
+        self._bytes, self._queued = db.execute(
+            "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM events"
+        ).fetchone()
+
+    def _resolve(
+        self,
+        future: asyncio.Future[Any],
+        fn: Callable[[sqlite3.Connection], Any],
+        db: sqlite3.Connection,
+    ) -> None:
+        try:
+            result = fn(db)
+        except Exception as exc:
+            self._fail(future, exc)
+        else:
+            self._succeed(future, result)
+
+    def _succeed(self, future: asyncio.Future[Any], result: Any) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_set_result, future, result)
+
+    def _fail(self, future: asyncio.Future[Any], exc: BaseException) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_set_exception, future, exc)
+
+
+def _set_result(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

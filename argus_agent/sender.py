@@ -1,0 +1,165 @@
+"""Deliver the outbox to Argus: ``POST /api/events/batch``, oldest first, at least once.
+
+An event leaves the outbox only when the server answered ``accepted`` or ``deduplicated``
+for it, or ``rejected`` it (logged with the server's reason, and dropped: retrying a
+rejected event can never succeed). 429 waits for ``Retry-After``; connection errors,
+timeouts and 5xx back off with full jitter. A 422 for the whole request (one bad envelope
+fails a whole batch on Argus v0.3.0) is narrowed down by sending the events one at a time,
+so one bad event never blocks the rest. Without a reporter token nothing is sent: events
+stay in the outbox (bounded) and the agent says so once, in its log and its status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+
+from argus_agent.argus_api import ArgusClient
+from argus_agent.backoff import Backoff
+from argus_agent.channels.base import sleep_unless
+from argus_agent.errors import AuthError, ProtocolError, RateLimitedError, ServerError
+from argus_agent.logsetup import get_logger
+from argus_agent.outbox import Outbox
+
+log = get_logger(__name__)
+
+IDLE_WAIT_S = 1.0
+AUTH_RETRY_S = 300.0
+
+
+@dataclass
+class SenderState:
+    """What the sender last saw, for status."""
+
+    state: str = (
+        "starting"  # sending | idle | backing_off | rate_limited | auth_rejected | no_token
+    )
+    sent: int = 0
+    rejected: int = 0
+    last_sent_at: float | None = None
+    last_error: str | None = None
+
+
+class EventSender:
+    """Moves events from the outbox to the server. Use from one event loop."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        client: ArgusClient,
+        token: str | None,
+        backoff: Backoff,
+        *,
+        batch_size: int = 500,
+    ) -> None:
+        self.outbox = outbox
+        self.client = client
+        self.token = token
+        self.backoff = backoff
+        self.batch_size = batch_size
+        self.state = SenderState()
+        self._auth_reported = False
+
+    async def run(self, shutdown: asyncio.Event) -> None:
+        """Send until ``shutdown`` is set. Never raises for server trouble."""
+        if self.token is None:
+            self.state.state = "no_token"
+            log.warning(
+                "no Argus reporter token (set ARGUS_TOKEN, server.token or server.token_file): "
+                "telemetry events are kept locally in the outbox and not sent"
+            )
+            return
+        while not shutdown.is_set():
+            try:
+                delay = await self.send_once()
+            except Exception as exc:  # a bug must not stop delivery for good
+                log.exception("unexpected error while sending events; retrying")
+                self.state.state, self.state.last_error = "backing_off", repr(exc)
+                delay = self.backoff.next_delay()
+            if delay is None:
+                self.outbox.changed.clear()
+                if self.outbox.stats().queued:
+                    continue
+                self.state.state = "idle"
+                waiter = asyncio.ensure_future(self.outbox.changed.wait())
+                stopper = asyncio.ensure_future(shutdown.wait())
+                await asyncio.wait(
+                    {waiter, stopper}, timeout=IDLE_WAIT_S, return_when=asyncio.FIRST_COMPLETED
+                )
+                waiter.cancel()
+                stopper.cancel()
+            elif await sleep_unless(shutdown, delay):
+                break
+
+    async def send_once(self) -> float | None:
+        """Send one batch. Returns None when the outbox is empty or the batch went through,
+        else how long to wait before trying again."""
+        rows = await self.outbox.peek(self.batch_size)
+        if not rows:
+            return None
+        try:
+            await self._deliver(rows)
+        except RateLimitedError as exc:
+            self.state.state, self.state.last_error = "rate_limited", str(exc)
+            return exc.retry_after
+        except AuthError as exc:
+            self.state.state, self.state.last_error = "auth_rejected", str(exc)
+            if not self._auth_reported:
+                self._auth_reported = True
+                log.error(
+                    "the server refused the reporter token for events; check "
+                    "ARGUS_TOKEN / server.token",
+                    detail=exc.detail,
+                )
+            return AUTH_RETRY_S
+        except ServerError as exc:
+            self.state.state, self.state.last_error = "backing_off", str(exc)
+            delay = self.backoff.next_delay()
+            log.warning(
+                "sending events failed; retrying", error=str(exc), retry_in_s=round(delay, 3)
+            )
+            return delay
+        self.backoff.reset()
+        self._auth_reported = False
+        self.state.state = "sending"
+        return None
+
+    async def _deliver(self, rows: list[tuple[int, str, bytes]]) -> None:
+        try:
+            answer = await self.client.post_events(self.token or "", [body for _, _, body in rows])
+        except ProtocolError as exc:
+            if exc.status != 422:
+                raise
+            if len(rows) == 1:
+                self._rejected(rows[0][2], f"refused by the server: {exc.detail}")
+                await self.outbox.remove([rows[0][0]])
+                return
+            for row in rows:  # find the bad one(s): one at a time
+                await self._deliver([row])
+            return
+        by_id = {str(r.get("event_id")): r for r in answer["results"] if isinstance(r, dict)}
+        done: list[int] = []
+        for seq, event_id, body in rows:
+            result = by_id.get(event_id)
+            if result is None:
+                continue  # not answered: stays queued and is sent again
+            if result.get("status") == "rejected":
+                self._rejected(body, str(result.get("error")))
+            else:
+                self.state.sent += 1
+            done.append(seq)
+        await self.outbox.remove(done)
+        self.state.last_sent_at = time.time()
+
+    def _rejected(self, body: bytes, error: str) -> None:
+        self.state.rejected += 1
+        event = json.loads(body)
+        log.error(
+            "the server rejected an event; it is dropped",
+            event_id=event.get("event_id"),
+            event_type=event.get("event_type"),
+            batch_id=event.get("batch_id"),
+            error=error,
+        )

@@ -1,0 +1,1 @@
+"""Telemetry for supervised jobs: resource snapshots, log lines and lifecycle events."""

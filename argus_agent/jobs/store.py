@@ -59,6 +59,7 @@ EXIT_FIELDS = (
     "exit_note",
     "killed_after_grace",
     "log_truncated",
+    "log_error",
 )
 
 
@@ -109,10 +110,10 @@ class JobRecord:
     @property
     def state(self) -> str:
         """``launching``, ``running``, ``stopping`` or ``ended``."""
-        if not self.started:
-            return "launching"
         if self.ended_at is not None:
             return "ended"
+        if not self.started:
+            return "launching"
         return "stopping" if self.stop_requested_at else "running"
 
     def with_changes(self, **changes: Any) -> JobRecord:

@@ -1,0 +1,147 @@
+"""The supervisor under trouble: a failing disk, a killed shim, an interrupted launch."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from argus_agent.dispatcher import Dispatcher
+from argus_agent.jobs.store import JobRecord, JobStore
+from tests.support import ArgusUser, RunningAgent, eventually, register
+
+PY = shlex.quote(sys.executable)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+async def test_jobs_start_with_no_signal_ignored(
+    argus: ArgusUser, make_settings, user_token: str
+) -> None:
+    settings = make_settings()
+    await register(settings, user_token)
+    async with RunningAgent(settings) as running:
+        # grep, unlike a Python job, changes no signal disposition of its own
+        batch = argus.rerun(argus.record_batch("exec grep SigIgn /proc/self/status"))
+        ended = await eventually(
+            lambda: (r := running.agent.jobs.get(batch)) and r.ended_at is not None and r,
+            what="job end",
+        )
+        mask = int(Path(ended.log_path).read_text().split()[1], 16)
+        for sig in (
+            signal.SIGINT,
+            signal.SIGHUP,
+            signal.SIGUSR1,
+            signal.SIGUSR2,
+            signal.SIGPIPE,
+            signal.SIGTERM,
+        ):
+            assert not mask & (1 << (sig - 1)), f"{sig.name} is ignored in the job"
+
+
+async def test_a_log_the_disk_refuses_does_not_kill_the_job_or_lose_its_exit(
+    argus: ArgusUser, make_settings, user_token: str, tmp_path: Path
+) -> None:
+    settings = make_settings()
+    await register(settings, user_token)
+    go = tmp_path / "go"
+    flood = (
+        f"while [ ! -e {go} ]; do sleep 0.05; done; "
+        f"{PY} -c 'for i in range(5000): print(\"x\" * 50, i)'; exit 5"
+    )
+    async with RunningAgent(settings) as running:
+        batch = argus.rerun(argus.record_batch(flood))
+        await eventually(lambda: argus.acked(batch, "rerun"), what="ack")
+        shim = running.agent.jobs.get(batch).shim_pid
+        # From now on the shim may write only 2 KiB more to any file: writes fail (EFBIG).
+        resource.prlimit(shim, resource.RLIMIT_FSIZE, (2048, 2048))
+        go.touch()
+        ended = await eventually(
+            lambda: (r := running.agent.jobs.get(batch)) and r.ended_at is not None and r,
+            timeout=20,
+            what="job end",
+        )
+    assert ended.exit_code == 5, "the job ran to its own end, unharmed by the log"
+    assert ended.log_truncated
+    assert "writing the log failed" in (ended.log_error or "")
+
+
+async def test_a_killed_shim_leaves_the_job_watched_and_stoppable(
+    argus: ArgusUser, make_settings, user_token: str
+) -> None:
+    settings = make_settings(jobs={"stop_grace_s": 1.0})
+    await register(settings, user_token)
+    async with RunningAgent(settings) as running:
+        batch = argus.rerun(argus.record_batch("exec sleep 300"))
+        await eventually(lambda: argus.acked(batch, "rerun"), what="ack")
+        record = running.agent.jobs.get(batch)
+        os.kill(record.shim_pid, signal.SIGKILL)
+        await eventually(lambda: not _alive(record.shim_pid), what="shim gone")
+        time.sleep(0.3)
+        assert running.agent.jobs.get(batch).running, "the job still runs, so it is running"
+        assert _alive(record.pid)
+        argus.stop(batch)
+        cmd = await eventually(lambda: argus.acked(batch, "stop"), what="stop ack")
+        assert cmd["status"] == "started" and cmd["pid"] == record.pid
+        await eventually(lambda: not _alive(record.pid), timeout=5, what="job stopped")
+        ended = await running.agent.jobs.wait_ended(batch, timeout=5)
+        assert "supervisor" in ended.describe_exit()
+
+
+async def test_a_launch_interrupted_by_a_crash_is_acked_failed_not_started(
+    make_settings, user_token: str, tmp_path: Path
+) -> None:
+    settings = make_settings()
+    await register(settings, user_token)
+    store = JobStore(settings.agent.state_dir / "jobs")
+    # The agent died after writing the job's intent, before its shim reported the exec.
+    store.create(
+        JobRecord(
+            batch_id="rerun-00000000cafe",
+            cmd_id="c-1",
+            command_line="x",
+            argv=["x"],
+            cwd="/",
+            log_path="/dev/null",
+            launched_at=time.time(),
+        )
+    )
+    async with RunningAgent(settings) as running:
+        record = running.agent.jobs.get("rerun-00000000cafe")
+        assert record.state == "ended" and "interrupted" in record.describe_exit()
+        from argus_agent.protocol import Command
+
+        dispatcher = Dispatcher(
+            running.agent.ledger,
+            running.agent.jobs,
+            settings,
+            audit=__import__("argus_agent.audit").audit.AuditLog(tmp_path / "audit.log"),
+        )
+        running.agent.ledger.begin("c-1", "rerun", "rerun-00000000cafe")  # the old claim
+        acks = []
+
+        async def ack(cmd_id, status, pid, error):
+            acks.append((cmd_id, status, pid, error))
+
+        await dispatcher.handle(
+            Command(id="c-1", kind="rerun", batch_id="rerun-00000000cafe", payload={}), ack
+        )
+        assert acks == [
+            (
+                "c-1",
+                "failed",
+                None,
+                "the launch was interrupted by an agent restart; request the rerun again",
+            )
+        ]

@@ -253,3 +253,11 @@ class AgentProcess:
         code = self.proc.wait(15)
         self.log.close()
         return code
+
+
+def server_events(url: str, batch_id: str, event_type: str | None = None) -> list[dict]:
+    """The events the reference server stored for a batch (optionally of one type)."""
+    import httpx
+
+    events = httpx.get(f"{url}/api/_dev/events", params={"batch_id": batch_id}).json()
+    return [e for e in events if event_type is None or e["event_type"] == event_type]

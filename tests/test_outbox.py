@@ -1,0 +1,97 @@
+"""The durable outbox on a real SQLite file: order, durability, offsets, the byte cap."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from argus_agent.events import EventKind, EventSource, make_event
+from argus_agent.outbox import LogOffset, Outbox
+
+SOURCE = EventSource(project="p", host="h")
+
+
+def _events(kind: EventKind, batch: str, count: int, size: int = 100) -> list:
+    return [
+        make_event(
+            "log_line"
+            if kind is EventKind.LOG
+            else "resource_snapshot"
+            if kind is EventKind.SNAPSHOT
+            else "batch_done",
+            kind,
+            batch,
+            SOURCE,
+            {"line": "x" * size, "i": i},
+        )
+        for i in range(count)
+    ]
+
+
+async def test_events_come_out_in_order_and_survive_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    box = Outbox(path, max_bytes=10 << 20)
+    await box.start()
+    first = _events(EventKind.LOG, "b1", 3)
+    await box.put(first, [LogOffset("b1", 300, 3)])
+    await box.put(_events(EventKind.LIFECYCLE, "b1", 1))
+    await box.close()
+    again = Outbox(path, max_bytes=10 << 20)
+    await again.start()
+    rows = await again.peek(10)
+    assert [r[1] for r in rows[:3]] == [e.event_id for e in first]
+    assert json.loads(rows[3][2])["event_type"] == "batch_done"
+    assert (await again.log_offsets()) == {"b1": LogOffset("b1", 300, 3)}
+    assert again.stats().queued == 4
+    await again.remove([r[0] for r in rows[:2]])
+    assert next(r[1] for r in await again.peek(10)) == first[2].event_id
+    assert again.stats().queued == 2
+    await again.close()
+
+
+async def test_full_outbox_drops_oldest_snapshots_and_logs_never_lifecycle(
+    tmp_path: Path,
+) -> None:
+    box = Outbox(tmp_path / "outbox.db", max_bytes=12_000)
+    await box.start()
+    lifecycle = _events(EventKind.LIFECYCLE, "b1", 3, size=1000)
+    await box.put(lifecycle[:1])
+    snaps = _events(EventKind.SNAPSHOT, "b1", 10, size=500)
+    await box.put(snaps)
+    logs = _events(EventKind.LOG, "b2", 10, size=500)
+    await box.put(logs)
+    assert box.stats().bytes <= 12_000
+    await box.put(lifecycle[1:])  # forces room: the oldest droppable events go first
+    kept = [r[1] for r in await box.peek(100)]
+    assert all(e.event_id in kept for e in lifecycle), "lifecycle events are never dropped"
+    dropped_ids = [e.event_id for e in snaps + logs if e.event_id not in kept]
+    assert dropped_ids == [e.event_id for e in (snaps + logs)[: len(dropped_ids)]], "oldest first"
+    stats = box.stats()
+    assert sum(stats.dropped.values()) == len(dropped_ids) > 0
+    assert stats.bytes <= 12_000
+    drops = await box.unreported_drops()
+    assert sum(n for per in drops.values() for n in per.values()) == len(dropped_ids)
+    # Told once: after the notice, nothing is left to report.
+    notice = make_event("log_line", EventKind.NOTICE, "b1", SOURCE, {"line": "dropped"})
+    await box.mark_drops_reported("b1", drops["b1"], notice)
+    assert "b1" not in await box.unreported_drops()
+    assert notice.event_id in [r[1] for r in await box.peek(100)]
+    # Only lifecycle left: it is still accepted, over the cap if need be.
+    await box.remove(
+        [r[0] for r in await box.peek(100) if json.loads(r[2])["event_type"] != "batch_done"]
+    )
+    await box.put(_events(EventKind.LIFECYCLE, "b3", 30, size=1000))
+    assert box.stats().queued == 33 and box.stats().bytes > 12_000
+    await box.close()
+
+
+async def test_many_puts_at_once_are_committed_together(tmp_path: Path) -> None:
+    import asyncio
+
+    box = Outbox(tmp_path / "outbox.db", max_bytes=100 << 20)
+    await box.start()
+    batches = [_events(EventKind.SNAPSHOT, f"b{i}", 20, size=50) for i in range(50)]
+    await asyncio.gather(*(box.put(b) for b in batches))
+    assert box.stats().queued == 1000
+    assert len(await box.peek(1000)) == 1000
+    await box.close()

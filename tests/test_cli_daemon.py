@@ -58,9 +58,11 @@ async def test_run_status_and_sigterm_leaves_jobs_running(
     try:
         status = await eventually(
             lambda: (
-                (r := _cli("status", "--json", env=env)).returncode == 0 and json.loads(r.stdout)
+                (r := _cli("status", "--json", env=env)).returncode == 0
+                and (doc := json.loads(r.stdout))["channel"]["state"] == "connected"
+                and doc
             ),
-            what="status answer",
+            what="status answer after a first good poll",
         )
         assert status["pid"] == daemon.pid
         assert status["channel"]["state"] == "connected"

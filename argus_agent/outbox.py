@@ -20,10 +20,11 @@ dropped, even if that means passing the cap.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -183,7 +184,7 @@ class Outbox:
         transaction, so the notice is sent exactly once)."""
 
         def tx(db: sqlite3.Connection) -> None:
-            with db:
+            with _transaction(db):
                 self._insert(db, [notice])
                 for kind, count in counts.items():
                     db.execute(
@@ -248,7 +249,7 @@ class Outbox:
                 group.append(nxt)
                 rows += len(nxt.events)
             try:
-                with db:
+                with _transaction(db):
                     for put in group:
                         self._insert(db, put.events)
                         for off in put.offsets:
@@ -318,7 +319,7 @@ class Outbox:
 
     def _remove(self, db: sqlite3.Connection, seqs: Sequence[int]) -> None:
         total = count = 0
-        with db:
+        with _transaction(db):
             for start in range(0, len(seqs), 500):
                 chunk = list(seqs[start : start + 500])
                 marks = ",".join("?" * len(chunk))
@@ -357,6 +358,19 @@ class Outbox:
     def _fail(self, future: asyncio.Future[Any], exc: BaseException) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(_set_exception, future, exc)
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One explicit transaction (the connection is in autocommit mode, where ``with db``
+    alone would commit, and fsync, every statement on its own)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def _set_result(future: asyncio.Future[Any], result: Any) -> None:

@@ -3,7 +3,9 @@
 1. Enqueue: events put durably (committed with fsync, synchronous=FULL) by concurrent
    producers, as batches of 20 (a tick of snapshots, a chunk of log lines) and one by one.
 2. Delivery: the same events sent by the EventSender to the reference server
-   (``argus_agent.devserver``, ingest rate limit off) over loopback, 500 per request.
+   (``argus_agent.devserver`` in its own process, ingest rate limit off) over loopback, 500
+   per request. Argus v0.3.0 itself allows 10 requests/s per token after a burst of 60,
+   i.e. at most 5,000 events/s.
 
 Usage: python bench/outbox.py [--events 50000]
 """
@@ -16,13 +18,14 @@ import os
 import platform
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from argus_agent.argus_api import ArgusClient
 from argus_agent.backoff import Backoff
-from argus_agent.devserver import DevServer
 from argus_agent.events import EventKind, EventSource, make_event
 from argus_agent.logsetup import configure
 from argus_agent.outbox import Outbox
@@ -53,6 +56,36 @@ def _snapshot(batch: str) -> object:
     return make_event("resource_snapshot", EventKind.SNAPSHOT, batch, SOURCE, data)
 
 
+def _start_server(root: Path) -> tuple[subprocess.Popen, str, str]:
+    """The reference server in its own process (as a real server would be), rate limit off."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER_CODE, str(root / "argus.sqlite"), str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    token = proc.stdout.readline().strip()
+    if not token:
+        raise RuntimeError("the reference server did not start")
+    return proc, f"http://127.0.0.1:{port}", token
+
+
+SERVER_CODE = """
+import sys, time
+from argus_agent.devserver import DevServer
+srv = DevServer(db_path=sys.argv[1], port=int(sys.argv[2]), ingest_rate_limit=False)
+srv.start()
+print(srv.create_user("alice"), flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
 async def _enqueue(box: Outbox, events: list, batch: int, producers: int) -> float:
     chunks = [events[i : i + batch] for i in range(0, len(events), batch)]
     queue: asyncio.Queue = asyncio.Queue()
@@ -77,12 +110,8 @@ async def main(count: int) -> None:
         t_batched = await _enqueue(box, batched, 20, 8)
         singles = [_snapshot("bench-2") for _ in range(count // 5)]
         t_single = await _enqueue(box, singles, 1, 64)
-        server = DevServer(
-            db_path=root / "argus.sqlite", poll_interval_s=10, ingest_rate_limit=False
-        )
-        server.start()
-        token = server.create_user("alice")
-        client = ArgusClient(server.url)
+        server, url, token = _start_server(root)
+        client = ArgusClient(url)
         sender = EventSender(box, client, token, Backoff(0.05, 1.0))
         total = box.stats().queued
         started = time.perf_counter()
@@ -92,7 +121,8 @@ async def main(count: int) -> None:
                 await asyncio.sleep(delay)
         t_send = time.perf_counter() - started
         await client.aclose()
-        server.stop()
+        server.terminate()
+        server.wait()
         await box.close()
         print(
             f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python "

@@ -187,25 +187,25 @@ def create_app(
         return {"accepted": True, "event_id": db_id, "deduplicated": deduplicated}
 
     @app.post("/api/events/batch")
-    async def post_events(body: BatchEventsIn, user: Reporter) -> dict[str, Any]:
+    async def post_events(body: BatchEventsIn, user: Reporter) -> Response:
         accepted = rejected = 0
         results: list[dict[str, Any]] = []
-        for event in body.events:
-            try:
-                db_id, deduplicated = ingest.ingest_one(store, event, user.user_id)
-            except ApiError as exc:
+        outcomes = ingest.ingest_many(store, body.events, user.user_id)
+        for event, outcome in zip(body.events, outcomes, strict=True):
+            if isinstance(outcome, ApiError):
                 rejected += 1
                 results.append(
                     {
                         "event_id": event.event_id,
                         "status": "rejected",
                         "db_id": None,
-                        "error": str(exc.detail),
+                        "error": str(outcome.detail),
                     }
                 )
                 continue
             # The real server counts de-duplicated events as accepted too.
             accepted += 1
+            db_id, deduplicated = outcome
             results.append(
                 {
                     "event_id": event.event_id,
@@ -214,7 +214,8 @@ def create_app(
                     "error": None,
                 }
             )
-        return {"accepted": accepted, "rejected": rejected, "results": results}
+        # Plain JSON: FastAPI's generic encoder walks 500 results slowly, for nothing here.
+        return JSONResponse({"accepted": accepted, "rejected": rejected, "results": results})
 
     app.include_router(build_dev_router(store, faults))
     app.add_middleware(FaultMiddleware, registry=faults)

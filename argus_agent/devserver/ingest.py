@@ -45,6 +45,36 @@ def ingest_one(store: Store, event: EventIn, owner_id: int) -> tuple[int, bool]:
     Returns ``(db_id, deduplicated)``. Raises :class:`ApiError` 415 (schema_version), 422
     (missing event_id, bad ``data``) or 400 (job event without job_id); nothing is written then.
     """
+    _check_envelope(event)
+    with store.tx() as db:
+        return _store_event(db, event, owner_id)
+
+
+def ingest_many(
+    store: Store, events: list[EventIn], owner_id: int
+) -> list[tuple[int, bool] | ApiError]:
+    """Store a batch of events in one transaction, each under its own savepoint, so one
+    refused event changes nothing while the others are kept. Returns, per event, its
+    ``(db_id, deduplicated)`` or the ApiError that refused it."""
+    results: list[tuple[int, bool] | ApiError] = []
+    with store.tx() as db:
+        for event in events:
+            try:
+                _check_envelope(event)
+            except ApiError as exc:
+                results.append(exc)
+                continue
+            db.execute("SAVEPOINT one_event")
+            try:
+                results.append(_store_event(db, event, owner_id))
+            except ApiError as exc:
+                db.execute("ROLLBACK TO one_event")
+                results.append(exc)
+            db.execute("RELEASE one_event")
+    return results
+
+
+def _check_envelope(event: EventIn) -> None:
     if event.schema_version not in SUPPORTED_SCHEMA_VERSIONS:
         raise ApiError(
             415,
@@ -56,33 +86,35 @@ def ingest_one(store: Store, event: EventIn, owner_id: int) -> tuple[int, bool]:
         )
     if not event.event_id:
         raise ApiError(422, EVENT_ID_REQUIRED)
-    with store.tx() as db:
-        row = db.execute("SELECT id FROM events WHERE event_id = ?", (event.event_id,)).fetchone()
-        if row is not None:
-            return int(row["id"]), True
-        model = DATA_MODELS.get(event.event_type)
-        if model is not None:
-            try:
-                model.model_validate(event.data)
-            except ValidationError as exc:
-                raise ApiError(422, json.loads(exc.json())) from exc
-        cur = db.execute(
-            "INSERT INTO events (event_id, batch_id, job_id, event_type, timestamp, "
-            "schema_version, source, data, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                event.event_id,
-                event.batch_id,
-                event.job_id,
-                event.event_type,
-                event.timestamp,
-                event.schema_version,
-                _dumps(event.source.model_dump()),
-                _dumps(event.data),
-                utcnow_iso(),
-            ),
-        )
-        _apply(db, event, owner_id)
-        return int(cur.lastrowid or 0), False
+
+
+def _store_event(db: sqlite3.Connection, event: EventIn, owner_id: int) -> tuple[int, bool]:
+    row = db.execute("SELECT id FROM events WHERE event_id = ?", (event.event_id,)).fetchone()
+    if row is not None:
+        return int(row["id"]), True
+    model = DATA_MODELS.get(event.event_type)
+    if model is not None:
+        try:
+            model.model_validate(event.data)
+        except ValidationError as exc:
+            raise ApiError(422, json.loads(exc.json())) from exc
+    cur = db.execute(
+        "INSERT INTO events (event_id, batch_id, job_id, event_type, timestamp, "
+        "schema_version, source, data, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            event.event_id,
+            event.batch_id,
+            event.job_id,
+            event.event_type,
+            event.timestamp,
+            event.schema_version,
+            _dumps(event.source.model_dump()),
+            _dumps(event.data),
+            utcnow_iso(),
+        ),
+    )
+    _apply(db, event, owner_id)
+    return int(cur.lastrowid or 0), False
 
 
 def record_server_event(

@@ -90,7 +90,9 @@ class Agent:
         self.ledger = CommandLedger(state_dir / "state.db")
         self.ledger.prune(LEDGER_RETENTION_S)
         self.outbox = Outbox(
-            state_dir / "outbox.db", max_bytes=int(settings.telemetry.outbox_max_mb * 1024 * 1024)
+            state_dir / "outbox.db",
+            max_bytes=int(settings.telemetry.outbox_max_mb * 1024 * 1024),
+            chunk_size=min(100, settings.telemetry.send_batch_size),
         )
         await self.outbox.start()
         client = ArgusClient(settings.server.url, timeout_s=settings.server.timeout_s)

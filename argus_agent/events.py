@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 SCHEMA_VERSION = "1.1"
 
@@ -30,14 +30,23 @@ class EventKind(StrEnum):
         return self in (EventKind.SNAPSHOT, EventKind.LOG)
 
 
-@dataclass(frozen=True)
-class OutEvent:
-    """One encoded event waiting in the outbox."""
+class OutEvent(NamedTuple):
+    """One encoded event waiting in the outbox (a tuple: log tailing makes many)."""
 
     event_id: str
     kind: EventKind
     batch_id: str
     body: bytes
+
+
+class EventChunk(NamedTuple):
+    """A run of encoded events of one kind and batch, already joined as the outbox stores
+    them (bodies separated by ``\\n``): how log tailing hands over many lines cheaply."""
+
+    kind: EventKind
+    batch_id: str
+    event_ids: list[str]
+    bodies: bytes
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """The durable outbox: every event goes here first, and leaves only once Argus has it.
 
 SQLite in WAL mode (``<state_dir>/outbox.db``), owned by one writer thread so the event loop
-never waits on disk. Producers ``await put(...)``, which returns once the events are
-committed with ``synchronous=FULL`` (fsynced). Puts that arrive while a commit runs are
-committed together (group commit), so throughput stays high without a timer.
+never waits on disk. Events are stored in order as small chunks: one row holds a run of up to
+``chunk_size`` (100) consecutive events of one kind and batch, so that 100,000 log lines a
+second cost SQLite 1,000 rows, not 100,000. Producers ``await put(...)``, which returns once
+the events are committed with ``synchronous=FULL`` (fsynced). Puts that arrive while a commit
+runs are committed together (group commit), so throughput stays high without a timer.
 
 Durability: an event whose ``put`` returned survives an agent crash and a power cut. The
 worst-case loss on a power cut is what was handed to ``put`` but not yet committed: the puts
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from argus_agent.events import EventKind, OutEvent
+from argus_agent.events import EventChunk, EventKind, OutEvent
 from argus_agent.logsetup import get_logger
 
 log = get_logger(__name__)
@@ -37,12 +39,13 @@ T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
-    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
-    event_id TEXT NOT NULL UNIQUE,
-    kind     TEXT NOT NULL,
-    batch_id TEXT NOT NULL,
-    size     INTEGER NOT NULL,
-    body     BLOB NOT NULL
+    seq       INTEGER PRIMARY KEY,  -- insertion order (the rowid)
+    kind      TEXT NOT NULL,
+    batch_id  TEXT NOT NULL,
+    count     INTEGER NOT NULL,     -- events in this chunk
+    size      INTEGER NOT NULL,     -- bytes of their bodies
+    event_ids TEXT NOT NULL,        -- newline-separated
+    bodies    BLOB NOT NULL         -- newline-separated (encoded JSON holds no raw newline)
 );
 CREATE TABLE IF NOT EXISTS log_offsets (
     batch_id TEXT PRIMARY KEY,
@@ -58,7 +61,9 @@ CREATE TABLE IF NOT EXISTS drops (
 );
 """
 #: At most this many events go into one transaction.
-MAX_GROUP_ROWS = 20_000
+MAX_GROUP_EVENTS = 50_000
+#: At most this many events share one row.
+DEFAULT_CHUNK_SIZE = 100
 DROPPABLE = tuple(k.value for k in EventKind if k.droppable)
 
 
@@ -71,11 +76,21 @@ class LogOffset:
     line_no: int
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """A run of queued events, sent and removed together."""
+
+    seq: int
+    event_ids: list[str]
+    bodies: list[bytes]
+
+
 @dataclass
 class _Put:
     events: Sequence[OutEvent]
     offsets: Sequence[LogOffset]
     future: asyncio.Future[None]
+    chunks: Sequence[EventChunk] = ()
 
 
 @dataclass
@@ -96,9 +111,10 @@ class OutboxStats:
 class Outbox:
     """A durable, bounded FIFO of encoded events. Start with ``await start()`` in a loop."""
 
-    def __init__(self, path: Path, *, max_bytes: int) -> None:
+    def __init__(self, path: Path, *, max_bytes: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
         self.path = path
         self.max_bytes = max_bytes
+        self.chunk_size = chunk_size
         self._queue: queue.SimpleQueue[_Put | _Call | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -126,29 +142,47 @@ class Outbox:
 
     # -- producers -----------------------------------------------------------------------
 
-    async def put(self, events: Sequence[OutEvent], offsets: Sequence[LogOffset] = ()) -> None:
-        """Append events (and log offsets) durably; returns once committed.
+    async def put(
+        self,
+        events: Sequence[OutEvent],
+        offsets: Sequence[LogOffset] = (),
+        *,
+        chunks: Sequence[EventChunk] = (),
+    ) -> None:
+        """Append events (single, and already-joined ``chunks`` of at most ``chunk_size``
+        events) and log offsets durably; returns once committed.
 
         Raises sqlite3.Error when the disk refuses (the events are then not stored).
         """
-        if not events and not offsets:
+        if not events and not offsets and not chunks:
             return
         future = self._loop_future()
-        self._queue.put(_Put(events, offsets, future))
+        self._queue.put(_Put(events, offsets, future, chunks))
         await future
 
     # -- consumers -----------------------------------------------------------------------
 
-    async def peek(self, limit: int) -> list[tuple[int, str, bytes]]:
-        """The oldest ``limit`` events as (seq, event id, encoded body)."""
-        return await self.call(
-            lambda db: db.execute(
-                "SELECT seq, event_id, body FROM events ORDER BY seq LIMIT ?", (limit,)
-            ).fetchall()
-        )
+    async def peek(self, limit: int) -> list[Chunk]:
+        """The oldest chunks, as many as hold at most ``limit`` events (at least one)."""
+
+        def read(db: sqlite3.Connection) -> list[Chunk]:
+            chunks: list[Chunk] = []
+            total = 0
+            rows = db.execute(
+                "SELECT seq, count, event_ids, bodies FROM events ORDER BY seq LIMIT ?", (limit,)
+            )
+            for seq, count, ids, bodies in rows:
+                if chunks and total + count > limit:
+                    break
+                chunks.append(Chunk(seq, ids.split("\n"), bodies.split(b"\n")))
+                total += count
+            return chunks
+
+        return await self.call(read)
 
     async def remove(self, seqs: Sequence[int]) -> None:
-        """Forget events the server has (accepted, de-duplicated, or rejected for good)."""
+        """Forget chunks whose every event the server has (accepted, de-duplicated, or
+        rejected for good)."""
         if seqs:
             await self.call(lambda db: self._remove(db, seqs))
 
@@ -218,7 +252,7 @@ class Outbox:
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(SCHEMA)
             self._bytes, self._queued = db.execute(
-                "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM events"
+                "SELECT COALESCE(SUM(size), 0), COALESCE(SUM(count), 0) FROM events"
             ).fetchone()
             for kind, count in db.execute("SELECT kind, SUM(count) FROM drops GROUP BY kind"):
                 self._dropped[kind] = count
@@ -237,8 +271,8 @@ class Outbox:
                 self._resolve(item.future, item.fn, db)
                 continue
             group = [item]
-            rows = len(item.events)
-            while rows < MAX_GROUP_ROWS:
+            rows = len(item.events) + len(item.chunks) * self.chunk_size
+            while rows < MAX_GROUP_EVENTS:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
@@ -247,11 +281,11 @@ class Outbox:
                     pending = nxt
                     break
                 group.append(nxt)
-                rows += len(nxt.events)
+                rows += len(nxt.events) + len(nxt.chunks) * self.chunk_size
             try:
                 with _transaction(db):
                     for put in group:
-                        self._insert(db, put.events)
+                        self._insert(db, put.events, put.chunks)
                         for off in put.offsets:
                             db.execute(
                                 "INSERT INTO log_offsets (batch_id, offset, line_no) VALUES "
@@ -259,7 +293,9 @@ class Outbox:
                                 "offset = excluded.offset, line_no = excluded.line_no",
                                 (off.batch_id, off.offset, off.line_no),
                             )
-            except sqlite3.Error as exc:
+            except Exception as exc:  # the writer must outlive any one bad put
+                if not isinstance(exc, sqlite3.Error):
+                    log.exception("outbox write failed")
                 self._recount(db)
                 for put in group:
                     self._fail(put.future, exc)
@@ -269,38 +305,74 @@ class Outbox:
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self.changed.set)
 
-    def _insert(self, db: sqlite3.Connection, events: Sequence[OutEvent]) -> None:
-        size = sum(len(e.body) for e in events)
+    def _insert(
+        self,
+        db: sqlite3.Connection,
+        events: Sequence[OutEvent],
+        chunks: Sequence[EventChunk] = (),
+    ) -> None:
+        step = self.chunk_size
+        if events and len({(e.kind, e.batch_id) for e in events}) == 1:
+            runs = [events[i : i + step] for i in range(0, len(events), step)]
+        else:
+            runs = _runs(events, step)
+        rows = []
+        for run in runs:
+            bodies = b"\n".join([e.body for e in run])
+            rows.append(
+                (
+                    run[0].kind.value,
+                    run[0].batch_id,
+                    len(run),
+                    len(bodies) - len(run) + 1,
+                    "\n".join([e.event_id for e in run]),
+                    bodies,
+                )
+            )
+        for chunk in chunks:
+            count = len(chunk.event_ids)
+            rows.append(
+                (
+                    chunk.kind.value,
+                    chunk.batch_id,
+                    count,
+                    len(chunk.bodies) - count + 1,
+                    "\n".join(chunk.event_ids),
+                    chunk.bodies,
+                )
+            )
+        size = sum(row[3] for row in rows)
         if self._bytes + size > self.max_bytes:
             self._make_room(db, self._bytes + size - self.max_bytes)
         db.executemany(
-            "INSERT OR IGNORE INTO events (event_id, kind, batch_id, size, body) "
-            "VALUES (?, ?, ?, ?, ?)",
-            [(e.event_id, e.kind.value, e.batch_id, len(e.body), e.body) for e in events],
+            "INSERT INTO events (kind, batch_id, count, size, event_ids, bodies) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
         )
         self._bytes += size
-        self._queued += len(events)
+        self._queued += sum(row[2] for row in rows)
 
     def _make_room(self, db: sqlite3.Connection, needed: int) -> None:
-        """Delete the oldest droppable events until ``needed`` bytes are free (or none is
-        left to drop), counting them per batch and kind."""
+        """Delete the oldest droppable chunks until ``needed`` bytes are free (or none is
+        left to drop), counting their events per batch and kind."""
         freed = 0
+        marks = ",".join("?" * len(DROPPABLE))
         while freed < needed:
             rows = db.execute(
-                f"SELECT seq, kind, batch_id, size FROM events WHERE kind IN "
-                f"({','.join('?' * len(DROPPABLE))}) ORDER BY seq LIMIT 1000",
+                f"SELECT seq, kind, batch_id, count, size FROM events WHERE kind IN ({marks}) "
+                "ORDER BY seq LIMIT 100",
                 DROPPABLE,
             ).fetchall()
             if not rows:
                 return
             chosen = []
             counts: dict[tuple[str, str], int] = {}
-            for seq, kind, batch_id, size in rows:
+            for seq, kind, batch_id, count, size in rows:
                 chosen.append((seq,))
-                counts[(batch_id, kind)] = counts.get((batch_id, kind), 0) + 1
+                counts[(batch_id, kind)] = counts.get((batch_id, kind), 0) + count
                 freed += size
                 self._bytes -= size
-                self._queued -= 1
+                self._queued -= count
                 if freed >= needed:
                     break
             db.executemany("DELETE FROM events WHERE seq = ?", chosen)
@@ -324,7 +396,8 @@ class Outbox:
                 chunk = list(seqs[start : start + 500])
                 marks = ",".join("?" * len(chunk))
                 size, found = db.execute(
-                    f"SELECT COALESCE(SUM(size), 0), COUNT(*) FROM events WHERE seq IN ({marks})",
+                    f"SELECT COALESCE(SUM(size), 0), COALESCE(SUM(count), 0) FROM events "
+                    f"WHERE seq IN ({marks})",
                     chunk,
                 ).fetchone()
                 db.execute(f"DELETE FROM events WHERE seq IN ({marks})", chunk)
@@ -335,7 +408,7 @@ class Outbox:
 
     def _recount(self, db: sqlite3.Connection) -> None:
         self._bytes, self._queued = db.execute(
-            "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM events"
+            "SELECT COALESCE(SUM(size), 0), COALESCE(SUM(count), 0) FROM events"
         ).fetchone()
 
     def _resolve(
@@ -358,6 +431,25 @@ class Outbox:
     def _fail(self, future: asyncio.Future[Any], exc: BaseException) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(_set_exception, future, exc)
+
+
+def _runs(events: Sequence[OutEvent], step: int) -> list[Sequence[OutEvent]]:
+    """Split ``events`` into runs of at most ``step`` events of one kind and batch."""
+    runs: list[Sequence[OutEvent]] = []
+    start = 0
+    while start < len(events):
+        first = events[start]
+        end = start + 1
+        while (
+            end < len(events)
+            and end - start < step
+            and events[end].kind is first.kind
+            and events[end].batch_id == first.batch_id
+        ):
+            end += 1
+        runs.append(events[start:end])
+        start = end
+    return runs
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from argus_agent.backoff import Backoff
 from argus_agent.channels.base import sleep_unless
 from argus_agent.errors import AuthError, ProtocolError, RateLimitedError, ServerError
 from argus_agent.logsetup import get_logger
-from argus_agent.outbox import Outbox
+from argus_agent.outbox import Chunk, Outbox
 
 log = get_logger(__name__)
 
@@ -96,11 +96,11 @@ class EventSender:
     async def send_once(self) -> float | None:
         """Send one batch. Returns None when the outbox is empty or the batch went through,
         else how long to wait before trying again."""
-        rows = await self.outbox.peek(self.batch_size)
-        if not rows:
+        chunks = await self.outbox.peek(self.batch_size)
+        if not chunks:
             return None
         try:
-            await self._deliver(rows)
+            await self._deliver(chunks)
         except RateLimitedError as exc:
             self.state.state, self.state.last_error = "rate_limited", str(exc)
             return exc.retry_after
@@ -126,32 +126,56 @@ class EventSender:
         self.state.state = "sending"
         return None
 
-    async def _deliver(self, rows: list[tuple[int, str, bytes]]) -> None:
+    async def _deliver(self, chunks: list[Chunk]) -> None:
+        bodies = [body for chunk in chunks for body in chunk.bodies]
         try:
-            answer = await self.client.post_events(self.token or "", [body for _, _, body in rows])
+            answer = await self.client.post_events(self.token or "", bodies)
         except ProtocolError as exc:
             if exc.status != 422:
                 raise
-            if len(rows) == 1:
-                self._rejected(rows[0][2], f"refused by the server: {exc.detail}")
-                await self.outbox.remove([rows[0][0]])
-                return
-            for row in rows:  # find the bad one(s): one at a time
-                await self._deliver([row])
+            await self._narrow_down(chunks)
             return
         by_id = {str(r.get("event_id")): r for r in answer["results"] if isinstance(r, dict)}
         done: list[int] = []
-        for seq, event_id, body in rows:
-            result = by_id.get(event_id)
-            if result is None:
-                continue  # not answered: stays queued and is sent again
-            if result.get("status") == "rejected":
-                self._rejected(body, str(result.get("error")))
-            else:
-                self.state.sent += 1
-            done.append(seq)
+        for chunk in chunks:
+            results = [by_id.get(event_id) for event_id in chunk.event_ids]
+            if any(r is None for r in results):
+                continue  # not all answered: the chunk stays queued and is sent again
+            for result, body in zip(results, chunk.bodies, strict=True):
+                assert result is not None
+                if result.get("status") == "rejected":
+                    self._rejected(body, str(result.get("error")))
+                else:
+                    self.state.sent += 1
+            done.append(chunk.seq)
         await self.outbox.remove(done)
         self.state.last_sent_at = time.time()
+
+    async def _narrow_down(self, chunks: list[Chunk]) -> None:
+        """One bad envelope failed the whole request (422): send the events one at a time,
+        drop those refused on their own, and remove the chunks once each event is settled."""
+        for chunk in chunks:
+            for event_id, body in zip(chunk.event_ids, chunk.bodies, strict=True):
+                try:
+                    answer = await self.client.post_events(self.token or "", [body])
+                except ProtocolError as single:
+                    if single.status != 422:
+                        raise
+                    self._rejected(body, f"refused by the server: {single.detail}")
+                    continue
+                result = next(
+                    (
+                        r
+                        for r in answer["results"]
+                        if isinstance(r, dict) and r.get("event_id") == event_id
+                    ),
+                    None,
+                )
+                if result is not None and result.get("status") == "rejected":
+                    self._rejected(body, str(result.get("error")))
+                elif result is not None:
+                    self.state.sent += 1
+            await self.outbox.remove([chunk.seq])
 
     def _rejected(self, body: bytes, error: str) -> None:
         self.state.rejected += 1

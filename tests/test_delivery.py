@@ -38,9 +38,10 @@ async def test_ten_server_outages_lose_nothing_and_duplicate_nothing(
     produced: list[tuple[str, str]] = []
     original_put = Outbox.put
 
-    async def recording_put(self, events, offsets=()):
-        await original_put(self, events, offsets)
+    async def recording_put(self, events, offsets=(), *, chunks=()):
+        await original_put(self, events, offsets, chunks=chunks)
         produced.extend((e.batch_id, e.event_id) for e in events)
+        produced.extend((c.batch_id, i) for c in chunks for i in c.event_ids)
 
     monkeypatch.setattr(Outbox, "put", recording_put)
     settings = make_settings(

@@ -17,28 +17,29 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from json.encoder import encode_basestring as encode_json_string
 
-from argus_agent.events import EventKind, EventSource, OutEvent, utc_timestamp
+from argus_agent.events import EventChunk, EventKind, EventSource, utc_timestamp
 from argus_agent.outbox import LogOffset
 
 READ_BYTES = 4 * 1024 * 1024
 MAX_LINE_CHARS = 16 * 1024
 STREAMS = {ord("o"): "stdout", ord("e"): "stderr", ord("a"): "agent"}
 LEVEL_RE = re.compile(
-    rb"\b(CRITICAL|FATAL|ERROR|WARNING|WARN|INFO|DEBUG)\b|Traceback \(most recent call last\)"
+    r"\b(CRITICAL|FATAL|ERROR|WARNING|WARN|INFO|DEBUG)\b|Traceback \(most recent call last\)"
 )
 LEVELS = {
-    b"CRITICAL": "critical",
-    b"FATAL": "critical",
-    b"ERROR": "error",
-    b"WARNING": "warning",
-    b"WARN": "warning",
-    b"INFO": "info",
-    b"DEBUG": "debug",
+    "CRITICAL": "critical",
+    "FATAL": "critical",
+    "ERROR": "error",
+    "WARNING": "warning",
+    "WARN": "warning",
+    "INFO": "info",
+    "DEBUG": "debug",
 }
 
 
-def line_level(line: bytes) -> str | None:
+def line_level(line: str) -> str | None:
     """The log level a line names near its start, if any (``Traceback`` counts as error)."""
     match = LEVEL_RE.search(line, 0, 160)
     if match is None:
@@ -46,17 +47,15 @@ def line_level(line: bytes) -> str | None:
     return LEVELS.get(match.group(1), "error") if match.group(1) else "error"
 
 
-def line_text(raw: bytes) -> str:
-    """A line as sent: decoded, newline dropped, progress-bar redraws (``\\r``) reduced to
-    what a terminal would show last, and capped in length."""
-    raw = raw.rstrip(b"\n")
-    if b"\r" in raw:
-        parts = [p for p in raw.split(b"\r") if p.strip()]
-        raw = parts[-1] if parts else b""
-    text = raw.decode("utf-8", errors="replace")
-    if len(text) > MAX_LINE_CHARS:
-        text = text[:MAX_LINE_CHARS] + "…"
-    return text
+def line_text(line: str) -> str:
+    """A line as sent: progress-bar redraws (``\\r``) reduced to what a terminal would show
+    last, and capped in length."""
+    if "\r" in line:
+        parts = [p for p in line.split("\r") if p.strip()]
+        line = parts[-1] if parts else ""
+    if len(line) > MAX_LINE_CHARS:
+        line = line[:MAX_LINE_CHARS] + "…"
+    return line
 
 
 @dataclass
@@ -65,15 +64,15 @@ class _Bucket:
     tokens: float
     at: float
 
-    def take(self, now: float) -> bool:
+    def take_many(self, now: float, wanted: int) -> int:
+        """How many of ``wanted`` lines may go now (the rest are skipped)."""
         if self.rate <= 0:
-            return True
+            return wanted
         self.tokens = min(self.rate, self.tokens + (now - self.at) * self.rate)
         self.at = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
+        allowed = min(wanted, int(self.tokens))
+        self.tokens -= allowed
+        return allowed
 
 
 class LogTailer:
@@ -87,11 +86,17 @@ class LogTailer:
         *,
         max_lines_per_s: float,
         start: LogOffset | None = None,
+        chunk_size: int = 100,
     ) -> None:
+        self.chunk_size = chunk_size
         self.batch_id = batch_id
         self.log_path = log_path
         self.streams_path = os.path.join(os.path.dirname(log_path), "output.streams")
-        self.source_json = json.dumps(source.as_dict(), separators=(",", ":"))
+        self._envelope_head = (
+            f'"schema_version":"1.1","event_type":"log_line",'
+            f'"batch_id":{json.dumps(batch_id)},'
+            f'"source":{json.dumps(source.as_dict(), separators=(",", ":"))},'
+        )
         self.offset = start.offset if start else 0
         self.line_no = start.line_no if start else 0
         self.max_lines_per_s = max_lines_per_s
@@ -100,7 +105,7 @@ class LogTailer:
         self._id_prefix = ""
         self._id_counter = 0
 
-    def read(self, *, final: bool = False) -> tuple[list[OutEvent], LogOffset] | None:
+    def read(self, *, final: bool = False) -> tuple[list[EventChunk], LogOffset] | None:
         """Events for the complete lines after the offset (at most ``READ_BYTES``), and the
         offset after them; None when there is nothing new. ``final`` (the job has ended and
         its shim closed the log) also emits the marker of lines still counted as skipped."""
@@ -112,29 +117,50 @@ class LogTailer:
             chunk = b""
         end = chunk.rfind(b"\n") + 1
         if final and end == 0 and chunk:
-            end = len(chunk)  # a last line without newline (not written by our shim)
-        lines = chunk[:end].splitlines(keepends=True) if end else []
+            chunk, end = chunk + b"\n", len(chunk) + 1  # a last line without newline
+            consumed = end - 1
+        else:
+            consumed = end
+        # One decode per chunk; "\n" is one byte in UTF-8, so lines split the same way.
+        lines = chunk[:end].decode("utf-8", errors="replace").split("\n")[:-1] if end else []
         if not lines and not (final and self.skipped):
             return None
         streams = self._streams(len(lines))
         timestamp = utc_timestamp()
         self._id_prefix = os.urandom(12).hex()
-        now = time.monotonic()
-        events: list[OutEvent] = []
-        for index, raw in enumerate(lines):
-            number = self.line_no + index + 1
-            if not self.bucket.take(now):
-                self.skipped += 1
-                continue
-            if self.skipped:
-                events.append(self._skipped_marker(timestamp, number))
-            stream = STREAMS.get(streams[index], "stdout") if index < len(streams) else "stdout"
-            events.append(self._event(timestamp, raw, stream, number))
+        allowed = self.bucket.take_many(time.monotonic(), len(lines))
+        ids: list[str] = []
+        bodies: list[str] = []
+        if self.skipped and allowed:
+            self._skipped_marker(ids, bodies, timestamp, self.line_no + 1)
+        event = self._event
+        line_no = self.line_no
+        for index in range(allowed):
+            code = streams[index] if index < len(streams) else 111  # ord("o")
+            event(
+                ids,
+                bodies,
+                timestamp,
+                lines[index],
+                STREAMS.get(code, "stdout"),
+                line_no + index + 1,
+            )
+        self.skipped += len(lines) - allowed
         if final and self.skipped:
-            events.append(self._skipped_marker(timestamp, self.line_no + len(lines)))
-        self.offset += end
+            self._skipped_marker(ids, bodies, timestamp, self.line_no + len(lines))
+        self.offset += consumed
         self.line_no += len(lines)
-        return events, LogOffset(self.batch_id, self.offset, self.line_no)
+        step = self.chunk_size
+        chunks = [
+            EventChunk(
+                EventKind.LOG,
+                self.batch_id,
+                ids[i : i + step],
+                "\n".join(bodies[i : i + step]).encode(),
+            )
+            for i in range(0, len(ids), step)
+        ]
+        return chunks, LogOffset(self.batch_id, self.offset, self.line_no)
 
     def _streams(self, count: int) -> bytes:
         try:
@@ -144,33 +170,34 @@ class LogTailer:
         except FileNotFoundError:
             return b""
 
-    def _next_id(self) -> str:
+    def _event(
+        self,
+        ids: list[str],
+        bodies: list[str],
+        timestamp: str,
+        line: str,
+        stream: str,
+        number: int,
+    ) -> None:
+        # Hand-assembled JSON (only the line's text needs escaping): the hot path of tailing.
+        text = line_text(line)
+        level = "warning" if stream == "agent" else (line_level(text) or "info")
         self._id_counter += 1
-        return f"{self._id_prefix}{self._id_counter:08x}"
-
-    def _event(self, timestamp: str, raw: bytes, stream: str, number: int) -> OutEvent:
-        text = line_text(raw)
-        level = line_level(raw) or "info"
-        if stream == "agent":
-            level = "warning"
-        data = json.dumps(
-            {"line": text, "message": text, "level": level, "stream": stream, "line_no": number},
-            separators=(",", ":"),
-            ensure_ascii=False,
+        event_id = f"{self._id_prefix}{self._id_counter:08x}"
+        ids.append(event_id)
+        bodies.append(
+            f'{{"event_id":"{event_id}",{self._envelope_head}"timestamp":"{timestamp}",'
+            f'"data":{{"line":{encode_json_string(text)},"level":"{level}",'
+            f'"stream":"{stream}","line_no":{number}}}}}'
         )
-        event_id = self._next_id()
-        body = (
-            f'{{"event_id":"{event_id}","schema_version":"1.1","event_type":"log_line",'
-            f'"timestamp":"{timestamp}","batch_id":{json.dumps(self.batch_id)},'
-            f'"source":{self.source_json},"data":{data}}}'
-        )
-        return OutEvent(event_id, EventKind.LOG, self.batch_id, body.encode())
 
-    def _skipped_marker(self, timestamp: str, number: int) -> OutEvent:
+    def _skipped_marker(
+        self, ids: list[str], bodies: list[str], timestamp: str, number: int
+    ) -> None:
         text = (
             f"[argus-agent] {self.skipped} log line(s) not sent: over "
             f"telemetry.log_max_lines_per_s = {self.max_lines_per_s:g} (the job's log file "
             "keeps them; `argus-agent logs` shows them)"
         )
         self.skipped = 0
-        return self._event(timestamp, text.encode(), "agent", number)
+        self._event(ids, bodies, timestamp, text, "agent", number)

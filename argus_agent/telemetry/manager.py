@@ -260,17 +260,26 @@ class Telemetry:
                     self.source(record),
                     max_lines_per_s=self.settings.log_max_lines_per_s,
                     start=self._offsets.get(record.batch_id),
+                    chunk_size=self.outbox.chunk_size,
                 )
                 self._tailers[record.batch_id] = tailer
+            # Read the next chunk while the previous one is being committed.
+            reading = asyncio.ensure_future(asyncio.to_thread(tailer.read, final=final))
             while True:
-                got = await asyncio.to_thread(tailer.read, final=final)
+                got = await reading
                 if got is None:
                     return
-                events, offset = got
-                await self.outbox.put(events, [offset])
+                chunks, offset = got
+                reading = asyncio.ensure_future(asyncio.to_thread(tailer.read, final=final))
+                try:
+                    await self.outbox.put((), [offset], chunks=chunks)
+                except BaseException:
+                    # The tailer ran ahead of what is committed: start over from the last
+                    # committed offset (after the read in flight is done with the tailer).
+                    await asyncio.gather(reading, return_exceptions=True)
+                    self._tailers.pop(record.batch_id, None)
+                    raise
                 self._offsets[record.batch_id] = offset
-                if not final and not events:
-                    return
 
     # -- drops ---------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """`argus-agent demo`: the whole loop on loopback in under 30 seconds.
 
 Starts the reference server and an agent, records a sample batch the way Argus' SDK does,
-presses Rerun, shows the job running and its log, presses Stop, shows it stopped, and prints
-a summary. Nothing leaves 127.0.0.1; everything lives in a temp directory.
+presses Rerun, shows the job running, its log and its telemetry in Argus, presses Stop, shows
+it stopped (and the batch leaving ``stopping``), and prints a summary. Nothing leaves
+127.0.0.1; everything lives in a temp directory.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ async def _demo(server: Any, workdir: Path) -> int:
         step.say("running as root: the demo sets jobs.run_as = 'root' and jobs.allow_root")
     settings = Settings.model_validate(
         {
-            "server": {"url": server.url},
+            # The reporter token also lets the agent send the job's telemetry.
+            "server": {"url": server.url, "token": token},
+            "telemetry": {"interval_s": 1.0, "log_poll_s": 0.2},
             "agent": {
                 "state_dir": str(workdir / "state"),
                 "hostname": hostname,
@@ -140,6 +143,21 @@ async def _demo(server: Any, workdir: Path) -> int:
         step.say(f"job log {log_path}:")
         for line in log_path.read_text().splitlines()[:5]:
             print(f"          | {line}")
+        snap = await _wait(
+            lambda: [
+                e
+                for e in _events(http, rerun, "resource_snapshot")
+                if e["data"]["proc_cpu_pct"] is not None
+            ],
+            "a snapshot with CPU figures",
+            10,
+        )
+        data = snap[-1]["data"]
+        step.say(
+            f"agent sends the job's telemetry: resource_snapshot with {data['num_procs']} "
+            f"process(es), {data['proc_ram_mb']} MB RSS, CPU {data['proc_cpu_pct']}%; "
+            f"{len(_events(http, rerun, 'log_line'))} log_line events so far"
+        )
 
         http.post(f"/api/batches/{rerun}/stop").raise_for_status()
         step.say("pressed Stop")
@@ -149,12 +167,22 @@ async def _demo(server: Any, workdir: Path) -> int:
             f"agent acked the stop ({stop['status']}, pid {stop['pid']}); "
             f"job ended: {ended.describe_exit()}"
         )
+        failed = await _wait(lambda: _events(http, rerun, "batch_failed"), "batch_failed", 10)
         batch = http.get(f"/api/batches/{rerun}").json()
         step.say(
-            f"Argus shows the batch {batch['status']!r} (v0.3.0 keeps it there until a "
-            "batch_done/batch_failed event; this agent version sends none yet)"
+            f"agent sent batch_failed ({failed[0]['data']['error']!r}); Argus shows the batch "
+            f"{batch['status']!r}"
         )
         counts = agent.ledger.counts() if agent.ledger else {}
+        await _wait(
+            lambda: agent.outbox is not None and agent.outbox.stats().queued == 0,
+            "the outbox to drain",
+            10,
+        )
+        sent = {
+            kind: len(_events(http, rerun, kind))
+            for kind in ("resource_snapshot", "log_line", "batch_failed")
+        }
     finally:
         http.close()
         shutdown.set()
@@ -166,7 +194,12 @@ async def _demo(server: Any, workdir: Path) -> int:
     print(f"  job: {ended.describe_exit()}")
     print(
         f"  commands handled: {counts.get('acked', 0)} acked, "
-        f"{counts.get('to_ack', 0)} waiting to be acked; total {step.timeline[-1][0]:.1f}s"
+        f"{counts.get('to_ack', 0)} waiting to be acked"
+    )
+    print(
+        "  events in Argus for the rerun batch: "
+        + ", ".join(f"{n} {kind}" for kind, n in sent.items())
+        + f"; total {step.timeline[-1][0]:.1f}s"
     )
     return 0
 
@@ -191,6 +224,11 @@ def _record_batch(http: httpx.Client, host: str, command: str, cwd: str) -> str:
             },
         ).raise_for_status()
     return batch_id
+
+
+def _events(http: httpx.Client, batch_id: str, event_type: str) -> list[dict]:
+    events = http.get("/api/_dev/events", params={"batch_id": batch_id}).json()
+    return [e for e in events if e["event_type"] == event_type]
 
 
 def _acked(http: httpx.Client, batch_id: str, kind: str) -> dict | None:

@@ -34,6 +34,24 @@ def format_status(status: dict[str, Any]) -> str:
         if counts
         else "commands none yet"
     )
+    tele = status.get("telemetry")
+    if tele:
+        sender = tele.get("sender", {})
+        dropped = sum(tele.get("dropped", {}).values())
+        lines.append(
+            f"events   {tele.get('outbox_queued', 0)} queued "
+            f"({tele.get('outbox_bytes', 0) / 1e6:.1f} MB), sender {sender.get('state')}, "
+            f"{sender.get('sent', 0)} sent, {sender.get('rejected', 0)} rejected"
+            + (f", {dropped} dropped (outbox full)" if dropped else "")
+            + f"; GPU: {tele.get('gpu')}"
+        )
+        if sender.get("state") in ("backing_off", "auth_rejected", "rate_limited"):
+            lines.append(f"         last error: {sender.get('last_error')}")
+        if sender.get("state") == "no_token":
+            lines.append(
+                "         no reporter token: events are kept locally, not sent "
+                "(set ARGUS_TOKEN or server.token)"
+            )
     jobs = status.get("jobs", [])
     running = sum(j["state"] in ("running", "stopping") for j in jobs)
     lines.append(f"jobs     {running} running, {len(jobs)} known")

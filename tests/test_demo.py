@@ -24,5 +24,7 @@ def test_demo_runs_end_to_end() -> None:
     assert "epoch 1: loss=1.0000" in out
     assert "lr=0.001 optim.name=adam" in out
     assert "job ended: killed by signal 15 (SIGTERM), stopped on request of alice" in out
-    assert "summary:" in out and "2 acked" in out
+    assert "agent sends the job's telemetry: resource_snapshot" in out
+    assert "Argus shows the batch 'failed'" in out
+    assert "summary:" in out and "2 acked" in out and "1 batch_failed" in out
     assert elapsed < 30

@@ -3,7 +3,7 @@
 A user sees one clear line per error on stderr; a traceback only with ``--debug``.
 
 Exit codes: 0 ok, 1 unexpected error, 2 usage, 3 config error, 4 state/token/auth problem,
-5 server unreachable or refusing, 130 interrupted.
+5 server unreachable or refusing, 130 interrupted; `config check` exits 0 or 1.
 """
 
 from __future__ import annotations
@@ -127,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         print(f"argus-agent: {redact_text(str(exc))}", file=sys.stderr)
+        if command == "config":
+            return 1  # `config check` answers yes (0) or no (1), whatever is wrong
         return exc.exit_code
     except Exception as exc:
         if debug:

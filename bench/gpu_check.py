@@ -45,12 +45,7 @@ time.sleep(120)
 
 
 def _identity() -> Identity:
-    import pwd
-
-    entry = pwd.getpwuid(os.geteuid())
-    return Identity(
-        entry.pw_name, entry.pw_uid, entry.pw_gid, (entry.pw_gid,), entry.pw_dir, entry.pw_shell
-    )
+    return Identity.of_uid(os.geteuid())
 
 
 def _spec(batch: str, argv: list[str], root: Path) -> LaunchSpec:

@@ -72,12 +72,7 @@ async def tail_throughput(root: Path, lines: int) -> tuple[int, float]:
 
 
 def _identity() -> Identity:
-    import pwd
-
-    entry = pwd.getpwuid(os.geteuid())
-    return Identity(
-        entry.pw_name, entry.pw_uid, entry.pw_gid, (entry.pw_gid,), entry.pw_dir, entry.pw_shell
-    )
+    return Identity.of_uid(os.geteuid())
 
 
 WRITER = (

@@ -34,12 +34,7 @@ ARGV = ("/bin/sh", "-c", "exec sleep 60")
 
 
 def _identity() -> Identity:
-    import pwd
-
-    entry = pwd.getpwuid(os.geteuid())
-    return Identity(
-        entry.pw_name, entry.pw_uid, entry.pw_gid, (entry.pw_gid,), entry.pw_dir, entry.pw_shell
-    )
+    return Identity.of_uid(os.geteuid())
 
 
 async def _supervised(jobs: int, root: Path) -> tuple[list[float], list[psutil.Process]]:

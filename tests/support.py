@@ -261,3 +261,13 @@ def server_events(url: str, batch_id: str, event_type: str | None = None) -> lis
 
     events = httpx.get(f"{url}/api/_dev/events", params={"batch_id": batch_id}).json()
     return [e for e in events if event_type is None or e["event_type"] == event_type]
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie counts as gone)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

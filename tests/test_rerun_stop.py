@@ -9,18 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
-
-from tests.support import FIXTURES, ArgusUser, RunningAgent, eventually, register
+from tests.support import FIXTURES, ArgusUser, RunningAgent, alive, eventually, register
 
 PY = shlex.quote(sys.executable)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 async def test_rerun_runs_recorded_command_with_cwd_env_and_overrides(
@@ -65,7 +56,7 @@ async def test_rerun_runs_recorded_command_with_cwd_env_and_overrides(
         assert started["pid"] == job.pid
         # stop it, so nothing outlives the test
         argus.stop(new_batch)
-        await eventually(lambda: not _alive(job.pid), what="job to stop")
+        await eventually(lambda: not alive(job.pid), what="job to stop")
 
 
 async def test_stop_kills_whole_tree_including_grandchild(
@@ -79,12 +70,12 @@ async def test_stop_kills_whole_tree_including_grandchild(
         new_batch = argus.rerun(source)
         await eventually(pids_file.exists, what="the tree")
         pids = [int(p) for p in pids_file.read_text().split()]
-        assert all(_alive(p) for p in pids)
+        assert all(alive(p) for p in pids)
         root = running.agent.jobs.get(new_batch)
         argus.stop(new_batch)
         started = time.monotonic()
         await eventually(
-            lambda: not any(_alive(p) for p in pids),
+            lambda: not any(alive(p) for p in pids),
             timeout=2.0 + 1.0,
             what="the whole tree to die within grace + 1 s",
         )
@@ -118,11 +109,11 @@ async def test_sigterm_ignoring_job_is_killed_after_grace(
         argus.stop(new_batch)
         stop_sent = time.monotonic()
         await eventually(lambda: argus.acked(new_batch, "stop"), what="ack")
-        assert _alive(pid), "a SIGTERM-ignoring job must survive until the grace period ends"
+        assert alive(pid), "a SIGTERM-ignoring job must survive until the grace period ends"
         ended = await running.agent.jobs.wait_ended(new_batch, timeout=grace + 5)
         assert time.monotonic() - stop_sent >= grace * 0.9
         assert ended.exit_signal == 9
-        assert not _alive(pid)
+        assert not alive(pid)
 
 
 async def test_failed_launches_are_acked_failed_with_reasons(

@@ -23,19 +23,13 @@ from tests.support import (
     ArgusUser,
     RunningAgent,
     agent_env,
+    alive,
     cli,
     eventually,
     register,
 )
 
 PY = shlex.quote(sys.executable)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 async def test_sigkilled_agent_readopts_running_jobs_and_reports_the_one_that_ended(
@@ -59,7 +53,7 @@ async def test_sigkilled_agent_readopts_running_jobs_and_reports_the_one_that_en
     finally:
         first.kill()
     await asyncio.sleep(2.5)  # the quick job exits while no agent runs
-    assert all(_alive(pid) for pid in pids.values()), "SIGKILL of the agent must spare its jobs"
+    assert all(alive(pid) for pid in pids.values()), "SIGKILL of the agent must spare its jobs"
     second = AgentProcess(env, tmp_path / "agent2.log")
     try:
         status = await second.status()
@@ -74,7 +68,7 @@ async def test_sigkilled_agent_readopts_running_jobs_and_reports_the_one_that_en
             cmd = await eventually(lambda b=batch: argus.acked(b, "stop"), what="stop ack")
             assert cmd["status"] == "started" and cmd["pid"] == pid
         await eventually(
-            lambda: not any(_alive(p) for p in pids.values()), timeout=5, what="all three stopped"
+            lambda: not any(alive(p) for p in pids.values()), timeout=5, what="all three stopped"
         )
         expected = "killed by signal 15 (SIGTERM), stopped on request of alice"
 
@@ -166,7 +160,7 @@ async def test_stop_kills_a_double_forked_setsid_grandchild(
         argus.stop(batch)
         started = time.monotonic()
         await eventually(
-            lambda: not _alive(grandchild),
+            lambda: not alive(grandchild),
             timeout=grace + 1,
             what="the grandchild to die within grace + 1 s",
         )
@@ -242,7 +236,7 @@ async def test_leftover_background_processes_are_stopped_when_the_job_ends(
             what="job end",
         )
         assert ended.exit_code == 3
-        assert not _alive(int(pid_file.read_text()))
+        assert not alive(int(pid_file.read_text()))
 
 
 async def test_jobs_and_logs_commands_and_the_audit_log(

@@ -10,20 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
-
 from argus_agent.dispatcher import Dispatcher
 from argus_agent.jobs.store import JobRecord, JobStore
-from tests.support import ArgusUser, RunningAgent, eventually, register
+from tests.support import ArgusUser, RunningAgent, alive, eventually, register
 
 PY = shlex.quote(sys.executable)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 async def test_jobs_start_with_no_signal_ignored(
@@ -87,14 +78,14 @@ async def test_a_killed_shim_leaves_the_job_watched_and_stoppable(
         await eventually(lambda: argus.acked(batch, "rerun"), what="ack")
         record = running.agent.jobs.get(batch)
         os.kill(record.shim_pid, signal.SIGKILL)
-        await eventually(lambda: not _alive(record.shim_pid), what="shim gone")
+        await eventually(lambda: not alive(record.shim_pid), what="shim gone")
         time.sleep(0.3)
         assert running.agent.jobs.get(batch).running, "the job still runs, so it is running"
-        assert _alive(record.pid)
+        assert alive(record.pid)
         argus.stop(batch)
         cmd = await eventually(lambda: argus.acked(batch, "stop"), what="stop ack")
         assert cmd["status"] == "started" and cmd["pid"] == record.pid
-        await eventually(lambda: not _alive(record.pid), timeout=5, what="job stopped")
+        await eventually(lambda: not alive(record.pid), timeout=5, what="job stopped")
         ended = await running.agent.jobs.wait_ended(batch, timeout=5)
         assert "supervisor" in ended.describe_exit()
 

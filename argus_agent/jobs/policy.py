@@ -35,6 +35,20 @@ class Identity:
     home: str
     shell: str
 
+    @classmethod
+    def of_uid(cls, uid: int, userdb: UserDb | None = None) -> Identity:
+        """The identity of an existing user (with all its groups). Raises KeyError."""
+        db = userdb or UserDb()
+        entry = db.by_uid(uid)
+        return cls(
+            entry.pw_name,
+            entry.pw_uid,
+            entry.pw_gid,
+            db.groups(entry.pw_name, entry.pw_gid),
+            entry.pw_dir,
+            entry.pw_shell,
+        )
+
     def login_env(self) -> dict[str, str]:
         """HOME, USER, LOGNAME and SHELL for this user."""
         return {

@@ -17,7 +17,7 @@ import os
 import signal
 import time
 
-from argus_agent.jobs.shim import boot_id, descendants, start_ticks
+from argus_agent.jobs.shim import boot_id, descendants, start_ticks, stat_fields
 
 __all__ = [
     "boot_id",
@@ -30,12 +30,8 @@ __all__ = [
 
 
 def _state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            data = handle.read()
-    except OSError:
-        return None
-    return data[data.rindex(b")") + 2 :].split()[0].decode()
+    fields = stat_fields(pid)
+    return fields[0].decode() if fields else None
 
 
 def is_same_process(pid: int | None, ticks: int | None) -> bool:

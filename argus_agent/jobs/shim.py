@@ -48,14 +48,20 @@ TRUNCATION_MARKER = (
 )
 
 
-def start_ticks(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot), or None."""
+def stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after ``(comm)`` (state first), or None."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             data = handle.read()
     except OSError:
         return None
-    return int(data[data.rindex(b")") + 2 :].split()[19])
+    return data[data.rindex(b")") + 2 :].split()
+
+
+def start_ticks(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot), or None."""
+    fields = stat_fields(pid)
+    return int(fields[19]) if fields else None
 
 
 def boot_id() -> str | None:

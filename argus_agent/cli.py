@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -228,8 +229,22 @@ def _cmd_status(settings: Settings, *, as_json: bool) -> int:
     return 0 if status.get("channel", {}).get("state") == "connected" else 1
 
 
+def _raise_fd_limit() -> None:
+    """Lift the soft open-files limit to the hard one (the sampler keeps a /proc file open
+    per job process; systemd's default soft limit is 1024)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, 1 << 20), hard))
+
+
 def _cmd_run(settings: Settings) -> int:
     from argus_agent.daemon import Agent
+
+    _raise_fd_limit()
 
     async def _main() -> None:
         shutdown = asyncio.Event()

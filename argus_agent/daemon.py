@@ -35,7 +35,7 @@ from argus_agent.outbox import Outbox
 from argus_agent.sender import EventSender
 from argus_agent.status import AgentState
 from argus_agent.systemd import Notifier, watchdog_interval_s
-from argus_agent.telemetry.gpu import GpuBackend, GpuReader, open_backend
+from argus_agent.telemetry.gpu import GpuBackend, GpuReader, open_backend_async
 from argus_agent.telemetry.manager import Telemetry
 
 log = get_logger(__name__)
@@ -99,13 +99,18 @@ class Agent:
         self.jobs = JobManager(JobStore(state_dir / "jobs"), settings.jobs)
         gpu = GpuReader(
             self._gpu_backend
-            or open_backend(settings.telemetry.gpu if settings.telemetry.enabled else "none"),
+            or await open_backend_async(
+                settings.telemetry.gpu if settings.telemetry.enabled else "none",
+                timeout_s=max(5.0, settings.telemetry.gpu_timeout_s),
+            ),
             timeout_s=settings.telemetry.gpu_timeout_s,
         )
+
         self.telemetry = Telemetry(
             settings.telemetry, self.outbox, self.jobs, gpu, hostname=settings.agent.hostname
         )
         self.jobs.on_ended = self.telemetry.job_ended
+        await self.telemetry.start()
         self.sender = EventSender(
             self.outbox,
             client,
@@ -125,7 +130,12 @@ class Agent:
             state_dir=str(state_dir),
         )
         dispatcher = Dispatcher(
-            self.ledger, self.jobs, settings, AuditLog(state_dir / "audit.log"), owner=creds.owner
+            self.ledger,
+            self.jobs,
+            settings,
+            AuditLog(state_dir / "audit.log"),
+            owner=creds.owner,
+            on_launch_failed=self.telemetry.launch_failed,
         )
         channel = PollChannel(
             client,

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from argus_agent.audit import AuditLog
 from argus_agent.config import Settings
-from argus_agent.errors import ConflictError, JobError, NotFoundError
+from argus_agent.errors import ConflictError, JobError, LaunchError, NotFoundError
 from argus_agent.jobs.policy import UserDb
 from argus_agent.jobs.spec import HostFacts, build_launch_spec, current_home, job_base_env
 from argus_agent.jobs.supervisor import JobManager
@@ -45,8 +45,11 @@ class Dispatcher:
         environ: Mapping[str, str] | None = None,
         userdb: UserDb | None = None,
         owner: str | None = None,
+        on_launch_failed: Callable[[Command, str], Awaitable[None]] | None = None,
     ) -> None:
         self.owner = owner
+        #: Told when a rerun's exec failed (not when policy refused it).
+        self.on_launch_failed = on_launch_failed
         self.ledger = ledger
         self.jobs = jobs
         self.settings = settings
@@ -148,6 +151,11 @@ class Dispatcher:
                 reason=str(exc),
             )
             self._audit("refuse", command, who, reason=str(exc))
+            if isinstance(exc, LaunchError) and self.on_launch_failed is not None:
+                try:
+                    await self.on_launch_failed(command, str(exc))
+                except Exception:
+                    log.exception("reporting a failed launch failed", cmd_id=command.id)
             return "failed", None, str(exc)
         except OSError as exc:
             log.error("command failed", cmd_id=command.id, kind=command.kind, error=str(exc))

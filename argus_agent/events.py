@@ -82,9 +82,10 @@ def make_event(
     data: dict[str, Any],
     *,
     timestamp: float | None = None,
+    event_id: str | None = None,
 ) -> OutEvent:
-    """Build and encode one event with a fresh ``event_id``."""
-    event_id = uuid.uuid4().hex
+    """Build and encode one event, with a fresh ``event_id`` unless one is given."""
+    event_id = event_id or uuid.uuid4().hex
     envelope = {
         "event_id": event_id,
         "schema_version": SCHEMA_VERSION,

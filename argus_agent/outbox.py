@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from argus_agent.errors import StateError
 from argus_agent.events import EventChunk, EventKind, OutEvent
 from argus_agent.logsetup import get_logger
 
@@ -65,6 +66,10 @@ MAX_GROUP_EVENTS = 50_000
 #: At most this many events share one row.
 DEFAULT_CHUNK_SIZE = 100
 DROPPABLE = tuple(k.value for k in EventKind if k.droppable)
+
+
+class OutboxError(StateError):
+    """The outbox cannot store events (its database could not be opened or broke)."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,8 @@ class Outbox:
         self._bytes = 0
         self._queued = 0
         self._dropped: dict[str, int] = {}
+        self._inflight: set[int] = set()  # chunks of the last peek: being sent, not dropped
+        self._dead: BaseException | None = None
         self.changed = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -176,6 +183,7 @@ class Outbox:
                     break
                 chunks.append(Chunk(seq, ids.split("\n"), bodies.split(b"\n")))
                 total += count
+            self._inflight = {chunk.seq for chunk in chunks}
             return chunks
 
         return await self.call(read)
@@ -185,6 +193,35 @@ class Outbox:
         rejected for good)."""
         if seqs:
             await self.call(lambda db: self._remove(db, seqs))
+
+    async def trim(self, chunk: Chunk, settled: int) -> None:
+        """Forget the first ``settled`` events of a chunk (the server has them), keeping the
+        rest queued, e.g. when sending it one event at a time was interrupted."""
+        if settled <= 0:
+            return
+        if settled >= len(chunk.event_ids):
+            await self.remove([chunk.seq])
+            return
+        ids, bodies = chunk.event_ids[settled:], chunk.bodies[settled:]
+        joined = b"\n".join(bodies)
+        size = len(joined) - len(bodies) + 1
+
+        def tx(db: sqlite3.Connection) -> None:
+            row = db.execute(
+                "SELECT count, size FROM events WHERE seq = ?", (chunk.seq,)
+            ).fetchone()
+            if row is None:
+                return
+            with _transaction(db):
+                db.execute(
+                    "UPDATE events SET count = ?, size = ?, event_ids = ?, bodies = ? "
+                    "WHERE seq = ?",
+                    (len(ids), size, "\n".join(ids), joined, chunk.seq),
+                )
+            self._queued -= row[0] - len(ids)
+            self._bytes -= row[1] - size
+
+        await self.call(tx)
 
     async def log_offsets(self) -> dict[str, LogOffset]:
         """Every job's committed log offset."""
@@ -241,11 +278,33 @@ class Outbox:
     # -- the writer thread ---------------------------------------------------------------
 
     def _loop_future(self) -> asyncio.Future[Any]:
+        if self._dead is not None:
+            raise OutboxError(f"the outbox is unusable: {self._dead}") from self._dead
         if self._thread is None or self._loop is None:
             raise RuntimeError("outbox not started")
         return self._loop.create_future()
 
     def _run(self) -> None:
+        """The writer thread. If it fails for good (an unopenable or corrupt database), every
+        waiting and later call fails with the reason instead of waiting forever."""
+        try:
+            self._open_and_serve()
+        except BaseException as exc:
+            self._dead = exc
+            log.error(
+                "the outbox failed; telemetry events cannot be stored",
+                path=str(self.path),
+                error=str(exc),
+            )
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    self._fail(item.future, OutboxError(f"the outbox is unusable: {exc}"))
+
+    def _open_and_serve(self) -> None:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=WAL")
@@ -358,11 +417,15 @@ class Outbox:
         freed = 0
         marks = ",".join("?" * len(DROPPABLE))
         while freed < needed:
-            rows = db.execute(
-                f"SELECT seq, kind, batch_id, count, size FROM events WHERE kind IN ({marks}) "
-                "ORDER BY seq LIMIT 100",
-                DROPPABLE,
-            ).fetchall()
+            rows = [
+                row
+                for row in db.execute(
+                    f"SELECT seq, kind, batch_id, count, size FROM events WHERE kind IN ({marks}) "
+                    "ORDER BY seq LIMIT ?",
+                    (*DROPPABLE, 100 + len(self._inflight)),
+                ).fetchall()
+                if row[0] not in self._inflight  # being sent right now: not lost, not dropped
+            ]
             if not rows:
                 return
             chosen = []
@@ -405,6 +468,7 @@ class Outbox:
                 count += found
         self._bytes -= total
         self._queued -= count
+        self._inflight.difference_update(seqs)
 
     def _recount(self, db: sqlite3.Connection) -> None:
         self._bytes, self._queued = db.execute(

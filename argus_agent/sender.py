@@ -26,6 +26,8 @@ from argus_agent.outbox import Chunk, Outbox
 log = get_logger(__name__)
 
 IDLE_WAIT_S = 1.0
+#: Answers that refuse a request as a whole (not the service): 413 too large, 422 invalid.
+REFUSED_REQUEST = (400, 413, 422)
 AUTH_RETRY_S = 300.0
 
 
@@ -100,7 +102,7 @@ class EventSender:
         if not chunks:
             return None
         try:
-            await self._deliver(chunks)
+            complete = await self._deliver(chunks)
         except RateLimitedError as exc:
             self.state.state, self.state.last_error = "rate_limited", str(exc)
             return exc.retry_after
@@ -121,25 +123,35 @@ class EventSender:
                 "sending events failed; retrying", error=str(exc), retry_in_s=round(delay, 3)
             )
             return delay
-        self.backoff.reset()
         self._auth_reported = False
         self.state.state = "sending"
+        if not complete:
+            # The server left some events unanswered: don't resend them in a tight loop.
+            self.state.last_error = "some events were not answered; sending them again"
+            return self.backoff.next_delay()
+        self.backoff.reset()
         return None
 
-    async def _deliver(self, chunks: list[Chunk]) -> None:
+    async def _deliver(self, chunks: list[Chunk]) -> bool:
+        """Send the chunks' events in one request; returns False when some went unanswered."""
         bodies = [body for chunk in chunks for body in chunk.bodies]
         try:
             answer = await self.client.post_events(self.token or "", bodies)
         except ProtocolError as exc:
-            if exc.status != 422:
+            if exc.status not in REFUSED_REQUEST:
                 raise
-            await self._narrow_down(chunks)
-            return
+            # The request as a whole was refused (one bad envelope fails a whole batch on
+            # Argus v0.3.0; a proxy may refuse its size): settle the events one by one.
+            for chunk in chunks:
+                await self._one_by_one(chunk)
+            return True
         by_id = {str(r.get("event_id")): r for r in answer["results"] if isinstance(r, dict)}
         done: list[int] = []
+        complete = True
         for chunk in chunks:
             results = [by_id.get(event_id) for event_id in chunk.event_ids]
             if any(r is None for r in results):
+                complete = False
                 continue  # not all answered: the chunk stays queued and is sent again
             for result, body in zip(results, chunk.bodies, strict=True):
                 assert result is not None
@@ -150,32 +162,37 @@ class EventSender:
             done.append(chunk.seq)
         await self.outbox.remove(done)
         self.state.last_sent_at = time.time()
+        return complete
 
-    async def _narrow_down(self, chunks: list[Chunk]) -> None:
-        """One bad envelope failed the whole request (422): send the events one at a time,
-        drop those refused on their own, and remove the chunks once each event is settled."""
-        for chunk in chunks:
+    async def _one_by_one(self, chunk: Chunk) -> None:
+        """Send a chunk's events one per request. Events refused on their own (4xx) are
+        dropped with the reason; an interruption (429, outage) keeps what is settled so far
+        settled, so the next try resumes after it instead of starting over."""
+        settled = 0
+        try:
             for event_id, body in zip(chunk.event_ids, chunk.bodies, strict=True):
                 try:
                     answer = await self.client.post_events(self.token or "", [body])
                 except ProtocolError as single:
-                    if single.status != 422:
+                    if single.status is None or not 400 <= single.status < 500:
                         raise
                     self._rejected(body, f"refused by the server: {single.detail}")
-                    continue
-                result = next(
-                    (
-                        r
-                        for r in answer["results"]
-                        if isinstance(r, dict) and r.get("event_id") == event_id
-                    ),
-                    None,
-                )
-                if result is not None and result.get("status") == "rejected":
-                    self._rejected(body, str(result.get("error")))
-                elif result is not None:
-                    self.state.sent += 1
-            await self.outbox.remove([chunk.seq])
+                else:
+                    result = next(
+                        (
+                            r
+                            for r in answer["results"]
+                            if isinstance(r, dict) and r.get("event_id") == event_id
+                        ),
+                        None,
+                    )
+                    if result is not None and result.get("status") == "rejected":
+                        self._rejected(body, str(result.get("error")))
+                    else:
+                        self.state.sent += 1
+                settled += 1
+        finally:
+            await self.outbox.trim(chunk, settled)
 
     def _rejected(self, body: bytes, error: str) -> None:
         self.state.rejected += 1

@@ -130,7 +130,7 @@ class JobManager:
                 batch_id=record.batch_id,
                 outcome=record.describe_exit(),
             )
-            mark_reported(self.store, record)
+            self._report(record)
         return adopted, ended_meanwhile
 
     # -- launch --------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -192,8 +192,39 @@ def open_backend(mode: str) -> GpuBackend:
     return backend
 
 
+def in_daemon_thread(fn: Any) -> Future[Any]:
+    """Run ``fn()`` on a new daemon thread; its Future. A call that never returns (a wedged
+    driver) then never keeps the process from exiting, unlike an executor's worker."""
+    future: Future[Any] = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="argus-gpu", daemon=True).start()
+    return future
+
+
+async def open_backend_async(mode: str, timeout_s: float) -> GpuBackend:
+    """``open_backend`` off the event loop, within ``timeout_s`` (NVML's init can hang on a
+    broken driver): on time-out, no GPU readings, and one log line."""
+    if mode == "none":
+        return NoGpuBackend()
+    try:
+        return await asyncio.wait_for(
+            asyncio.wrap_future(in_daemon_thread(lambda: open_backend(mode))), timeout_s
+        )
+    except TimeoutError:
+        log.error("NVML did not initialise in time; GPU fields will be empty", timeout_s=timeout_s)
+        return NoGpuBackend()
+
+
 class GpuReader:
-    """Calls a backend off the event loop, on one dedicated thread, with a time limit.
+    """Calls a backend off the event loop, on a daemon thread, with a time limit.
 
     While a slow read is still running, later ticks get None instead of queueing more calls.
     """
@@ -201,7 +232,6 @@ class GpuReader:
     def __init__(self, backend: GpuBackend, *, timeout_s: float) -> None:
         self.backend = backend
         self.timeout_s = timeout_s
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="argus-gpu")
         self._inflight: Future[list[GpuDevice]] | None = None
         self._slow_reported = False
         self._error_reported = False
@@ -212,9 +242,11 @@ class GpuReader:
             return []
         if self._inflight is not None and not self._inflight.done():
             return None
-        self._inflight = self._executor.submit(self.backend.read)
+        self._inflight = in_daemon_thread(self.backend.read)
         try:
-            devices = await asyncio.wait_for(asyncio.wrap_future(self._inflight), self.timeout_s)
+            devices = await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(self._inflight)), self.timeout_s
+            )
         except TimeoutError:
             if not self._slow_reported:
                 self._slow_reported = True
@@ -233,6 +265,6 @@ class GpuReader:
         return devices
 
     def close(self) -> None:
-        """Release the backend; a read still running is abandoned."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self.backend.close()
+        """Release the backend, unless a read still runs in it (a wedged driver)."""
+        if self._inflight is None or self._inflight.done():
+            self.backend.close()

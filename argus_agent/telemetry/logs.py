@@ -105,10 +105,14 @@ class LogTailer:
         self._id_prefix = ""
         self._id_counter = 0
 
-    def read(self, *, final: bool = False) -> tuple[list[EventChunk], LogOffset] | None:
+    def read(
+        self, *, final: bool = False, at: float | None = None
+    ) -> tuple[list[EventChunk], LogOffset] | None:
         """Events for the complete lines after the offset (at most ``READ_BYTES``), and the
         offset after them; None when there is nothing new. ``final`` (the job has ended and
-        its shim closed the log) also emits the marker of lines still counted as skipped."""
+        its shim closed the log) also emits the marker of lines still counted as skipped.
+        Events are stamped with the time of reading, or ``at`` (a job's end, for lines read
+        after it, so that they never come later than its lifecycle event)."""
         try:
             with open(self.log_path, "rb") as handle:
                 handle.seek(self.offset)
@@ -126,7 +130,7 @@ class LogTailer:
         if not lines and not (final and self.skipped):
             return None
         streams = self._streams(len(lines))
-        timestamp = utc_timestamp()
+        timestamp = utc_timestamp(at)
         self._id_prefix = os.urandom(12).hex()
         allowed = self.bucket.take_many(time.monotonic(), len(lines))
         ids: list[str] = []

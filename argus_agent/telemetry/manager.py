@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import Iterable
 
 from argus_agent.config import TelemetrySettings
@@ -19,6 +20,7 @@ from argus_agent.jobs.store import JobRecord
 from argus_agent.jobs.supervisor import JobManager
 from argus_agent.logsetup import get_logger
 from argus_agent.outbox import LogOffset, Outbox
+from argus_agent.protocol import Command
 from argus_agent.telemetry.gpu import GpuDevice, GpuReader
 from argus_agent.telemetry.logs import LogTailer
 from argus_agent.telemetry.sampler import HostReading, JobRef, Sampler, TreeReading, disk_usage_mb
@@ -42,6 +44,8 @@ def lifecycle_event(record: JobRecord, source: EventSource) -> OutEvent:
         "total_elapsed_s": elapsed,
         "agent": "argus-agent",
     }
+    # One id per job end: reported again after a crash, Argus de-duplicates it.
+    event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"argus-agent:{record.batch_id}:{record.cmd_id}").hex
     if record.exit_code == 0 and not record.stop_requested_at:
         data = {"n_done": 1, "n_failed": 0, **common}
         return make_event(
@@ -51,6 +55,7 @@ def lifecycle_event(record: JobRecord, source: EventSource) -> OutEvent:
             source,
             data,
             timestamp=record.ended_at,
+            event_id=event_id,
         )
     data = {"error": record.describe_exit(), "n_done": 0, "n_failed": 1, **common}
     return make_event(
@@ -60,6 +65,7 @@ def lifecycle_event(record: JobRecord, source: EventSource) -> OutEvent:
         source,
         data,
         timestamp=record.ended_at,
+        event_id=event_id,
     )
 
 
@@ -153,9 +159,13 @@ class Telemetry:
             command=record.command_line,
         )
 
-    async def run(self, shutdown: asyncio.Event) -> None:
-        """Produce until ``shutdown`` is set."""
+    async def start(self) -> None:
+        """Load the committed log offsets; call before any job end is reported, so that a
+        log is never read again from its start."""
         self._offsets = await self.outbox.log_offsets()
+
+    async def run(self, shutdown: asyncio.Event) -> None:
+        """Produce until ``shutdown`` is set (after ``start``)."""
         tasks = [asyncio.create_task(self._drop_notices(shutdown))]
         if self.settings.enabled:
             tasks.append(asyncio.create_task(self._sample_loop(shutdown)))
@@ -178,6 +188,33 @@ class Telemetry:
         if self.settings.enabled and self.settings.lifecycle_events:
             await self.outbox.put([lifecycle_event(record, self.source(record))])
         self._tailers.pop(record.batch_id, None)
+        self._locks.pop(record.batch_id, None)
+
+    async def launch_failed(self, command: Command, reason: str) -> None:
+        """A rerun's exec failed: end its batch with ``batch_failed`` saying so (if lifecycle
+        events are on), so it does not wait in ``requested``."""
+        if not (self.settings.enabled and self.settings.lifecycle_events):
+            return
+        event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"argus-agent:{command.batch_id}:{command.id}")
+        source = EventSource(project=self.settings.project, host=self.hostname)
+        data = {
+            "error": f"exec failure: {reason}",
+            "n_done": 0,
+            "n_failed": 1,
+            "agent": "argus-agent",
+        }
+        await self.outbox.put(
+            [
+                make_event(
+                    "batch_failed",
+                    EventKind.LIFECYCLE,
+                    command.batch_id,
+                    source,
+                    data,
+                    event_id=event_id.hex,
+                )
+            ]
+        )
 
     # -- snapshots -----------------------------------------------------------------------
 
@@ -252,6 +289,10 @@ class Telemetry:
         """Queue the job's new log lines; with ``final``, until the end of its log."""
         lock = self._locks.setdefault(record.batch_id, asyncio.Lock())
         async with lock:
+            current = self.jobs.get(record.batch_id)
+            if not final and (current is None or not current.running):
+                return  # ended meanwhile: job_ended reads the rest
+            at = record.ended_at if final else None
             tailer = self._tailers.get(record.batch_id)
             if tailer is None:
                 tailer = LogTailer(
@@ -264,13 +305,13 @@ class Telemetry:
                 )
                 self._tailers[record.batch_id] = tailer
             # Read the next chunk while the previous one is being committed.
-            reading = asyncio.ensure_future(asyncio.to_thread(tailer.read, final=final))
+            reading = asyncio.ensure_future(asyncio.to_thread(tailer.read, final=final, at=at))
             while True:
                 got = await reading
                 if got is None:
                     return
                 chunks, offset = got
-                reading = asyncio.ensure_future(asyncio.to_thread(tailer.read, final=final))
+                reading = asyncio.ensure_future(asyncio.to_thread(tailer.read, final=final, at=at))
                 try:
                     await self.outbox.put((), [offset], chunks=chunks)
                 except BaseException:
@@ -287,10 +328,19 @@ class Telemetry:
         while not shutdown.is_set():
             try:
                 await self.report_drops()
+                await self.forget_gone()
             except Exception:
                 log.exception("reporting dropped events failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(shutdown.wait(), DROP_CHECK_S)
+
+    async def forget_gone(self) -> None:
+        """Drop the log offsets of jobs the job table no longer knows (pruned)."""
+        known = {r.batch_id for r in self.jobs.records()}
+        for batch_id in [b for b in self._offsets if b not in known]:
+            await self.outbox.forget_log_offset(batch_id)
+            del self._offsets[batch_id]
+            self._locks.pop(batch_id, None)
 
     async def report_drops(self) -> int:
         """Tell each batch how many of its events a full outbox dropped (once per drop)."""

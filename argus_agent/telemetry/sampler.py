@@ -9,10 +9,10 @@ tick. Here:
 - only a *new* process has its ``stat`` read to learn its parent, and so which job it belongs
   to (a job's processes are the descendants of its shim, which is a child subreaper, so
   membership never changes: a process outside every job can't later join one);
-- each job process keeps its ``/proc/<pid>/stat`` and ``/proc/<pid>/io`` open, and every tick
-  re-reads ``stat`` with one ``pread`` (no path lookup, no open/close). When the process
-  ends, the read fails and the files are closed. An open file follows its process, never a
-  later process that reuses the pid;
+- each job process keeps its ``/proc/<pid>/stat`` open, and every tick re-reads it with one
+  ``pread`` (no path lookup, no open/close). When the process ends, the read fails and the
+  file is closed. An open file follows its process, never a later process that reuses the
+  pid. At most half of the soft fd limit is used so; past it, files are opened per tick;
 - IO counters are read every ``io_window_s`` (5 s) rather than every tick, and IO rates are
   averages over that window (like ``iostat 5``): at 1 Hz that saves a third of the cost.
 
@@ -30,6 +30,20 @@ from dataclasses import dataclass
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1024 * 1024
+
+
+#: How often processes outside every job are classified again (catches reused pids).
+RECLASSIFY_S = 60.0
+
+
+def _fd_budget() -> int:
+    """How many /proc files the sampler may keep open: half of the soft fd limit."""
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 100_000
+    return max(0, soft // 2 - 64)
 
 
 @dataclass(frozen=True)
@@ -66,7 +80,7 @@ class HostReading:
 class _Member:
     """An open job process: its files and the counters of the previous tick."""
 
-    __slots__ = ("batch_id", "cpu", "io", "io_fd", "pid", "stat_fd")
+    __slots__ = ("batch_id", "cpu", "io", "io_fd", "pid", "start", "stat_fd")
 
     def __init__(self, pid: int, batch_id: str, stat_fd: int, io_fd: int) -> None:
         self.pid = pid
@@ -75,6 +89,7 @@ class _Member:
         self.io_fd = io_fd
         self.cpu: int | None = None
         self.io: tuple[int, int] | None = None
+        self.start: int | None = None
 
     def close(self) -> None:
         for fd in (self.stat_fd, self.io_fd):
@@ -118,9 +133,21 @@ class Sampler:
         self._job_of: dict[int, str | None] = {}  # pid -> batch id, None outside every job
         self._members: dict[int, _Member] = {}
         self._shims: dict[int, str] = {}
+        self._rescanned_at = time.monotonic()
+        self._fd_budget = _fd_budget()
         self._prev_at: float | None = None
         self._prev_boot_ticks: float = 0.0
         self._host_prev: tuple[int, int] | None = None
+
+    def _reclassify_outsiders(self, keep_jobs: set[str]) -> None:
+        self._rescanned_at = time.monotonic()
+        for pid, member in list(self._members.items()):
+            if member.batch_id not in keep_jobs:
+                member.close()
+                del self._members[pid]
+        self._job_of = {p: j for p, j in self._job_of.items() if j in keep_jobs}
+        self._seen &= set(self._job_of)
+        self._last_pid = None  # force a listing
 
     def close(self) -> None:
         """Close every file kept open."""
@@ -136,9 +163,15 @@ class Sampler:
         boot_ticks = _uptime_s(self.proc) * CLK_TCK
         shims = {j.shim_pid: j.batch_id for j in jobs}
         if shims != self._shims:
-            # The set of jobs changed: classify every process afresh (rare: launch, end).
-            self.close()
+            # Jobs started or ended: forget the processes of ended jobs, and classify the
+            # others outside every job again (a new shim's processes may be among them).
+            # Members of continuing jobs keep their files and counters.
             self._shims = shims
+            self._reclassify_outsiders(keep_jobs=set(shims.values()))
+        elif now - self._rescanned_at >= RECLASSIFY_S:
+            # A pid that ended and was reused between two listings would keep its old
+            # classification; now and then, classify every outsider again.
+            self._reclassify_outsiders(keep_jobs=set(shims.values()))
         last_pid = _last_pid(self.proc)
         if last_pid is None or last_pid != self._last_pid or not self._seen:
             # Processes were created since the last tick: find and classify them.
@@ -182,15 +215,15 @@ class Sampler:
         return job
 
     def _open(self, pid: int, job: str) -> None:
-        try:
-            stat_fd = os.open(f"{self.proc}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return
-        try:
-            io_fd = os.open(f"{self.proc}/{pid}/io", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            io_fd = -1  # another user's process without privilege: no IO figures
-        self._members[pid] = _Member(pid, job, stat_fd, io_fd)
+        """Track a job process, keeping its stat file open while the fd budget allows
+        (past it, or on EMFILE, the file is opened at each tick instead)."""
+        stat_fd = -1
+        if len(self._members) < self._fd_budget:
+            try:
+                stat_fd = os.open(f"{self.proc}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                stat_fd = -1
+        self._members[pid] = _Member(pid, job, stat_fd, -1)
 
     # -- readings ------------------------------------------------------------------------
 
@@ -216,8 +249,16 @@ class Sampler:
             threads = rss = cpu_delta = 0
             for member in by_job.get(batch_id, ()):
                 try:
-                    data = pread(member.stat_fd, 512, 0)
+                    if member.stat_fd >= 0:
+                        data = pread(member.stat_fd, 512, 0)
+                    else:
+                        with open(f"{self.proc}/{member.pid}/stat", "rb") as handle:
+                            data = handle.read()
                     rest = data[data.rindex(b")") + 2 :].split(b" ", 23)
+                    if member.start is None:
+                        member.start = int(rest[19])
+                    elif int(rest[19]) != member.start:
+                        raise ValueError("pid reused")  # only possible without a kept fd
                 except (OSError, ValueError):
                     dead.append(member)
                     continue
@@ -232,12 +273,16 @@ class Sampler:
                 elif int(rest[19]) >= fresh_after:
                     cpu_delta += cpu  # started since the last tick: all its CPU time is new
                 member.cpu = cpu
-                if read_io and member.io_fd >= 0:
+                if read_io:
                     self._read_io(member, acc)
             acc[1], acc[2], acc[3] = threads, rss, cpu_delta
         for member in dead:
             member.close()
             del self._members[member.pid]
+            # Let a process that reuses the pid be classified afresh.
+            self._job_of.pop(member.pid, None)
+            self._seen.discard(member.pid)
+            self._last_pid = None
         readings = {}
         for batch_id, (pids, threads, rss, cpu, io_r, io_w, io_known) in totals.items():
             rate = elapsed if elapsed and elapsed > 0 else None
@@ -260,12 +305,12 @@ class Sampler:
             del self._io_rates[gone]
         return readings
 
-    @staticmethod
-    def _read_io(member: _Member, acc: list) -> None:
+    def _read_io(self, member: _Member, acc: list) -> None:
         try:
-            io = _parse_io(os.pread(member.io_fd, 512, 0))
+            with open(f"{self.proc}/{member.pid}/io", "rb") as handle:
+                io = _parse_io(handle.read())
         except (OSError, ValueError, IndexError, KeyError):
-            return
+            return  # e.g. another user's process without privilege: no IO figures
         if member.io is not None:
             acc[4] += io[0] - member.io[0]
             acc[5] += io[1] - member.io[1]

@@ -287,7 +287,12 @@ async def test_ended_jobs_are_pruned_after_the_retention_period(
     settings = make_settings(jobs={"retention_days": 1})
     await register(settings, user_token)
     store = JobStore(settings.agent.state_dir / "jobs")
-    for batch, age_days in (("rerun-0000000000aa", 2), ("rerun-0000000000bb", 0.5)):
+    cases = (
+        ("rerun-0000000000aa", 2, True),
+        ("rerun-0000000000bb", 0.5, True),
+        ("rerun-0000000000cc", 2, False),
+    )
+    for batch, age_days, reported in cases:
         store.create(
             JobRecord(
                 batch_id=batch,
@@ -302,10 +307,16 @@ async def test_ended_jobs_are_pruned_after_the_retention_period(
         (store.job_dir(batch) / "exit.json").write_text(
             json.dumps({"exit_code": 0, "ended_at": time.time() - age_days * 86400})
         )
+        if reported:
+            (store.job_dir(batch) / "reported").touch()
     async with RunningAgent(settings) as running:
         assert running.agent.jobs.get("rerun-0000000000aa") is None
         assert not store.job_dir("rerun-0000000000aa").exists()
         assert running.agent.jobs.get("rerun-0000000000bb").exit_code == 0
+        # Old but never reported (the agent was down): kept until its end is reported.
+        assert running.agent.jobs.get("rerun-0000000000cc").exit_code == 0
+        await running.agent.jobs.reports_done()
+        assert (store.job_dir("rerun-0000000000cc") / "reported").exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")

@@ -275,12 +275,15 @@ class JobManager:
     # -- housekeeping --------------------------------------------------------------------
 
     def prune(self, retention_s: float) -> int:
-        """Forget jobs that ended more than ``retention_s`` ago (their dirs are removed)."""
+        """Forget jobs that ended more than ``retention_s`` ago and whose end was reported
+        (their dirs are removed)."""
         cutoff = time.time() - retention_s
         old = [
             b
             for b, j in self._jobs.items()
-            if j.record.ended_at is not None and j.record.ended_at < cutoff
+            if j.record.ended_at is not None
+            and j.record.ended_at < cutoff
+            and _was_reported(self.store, j.record)  # its end reached the server first
         ]
         for batch_id in old:
             self.store.discard(batch_id)

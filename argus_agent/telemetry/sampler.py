@@ -9,10 +9,11 @@ tick. Here:
 - only a *new* process has its ``stat`` read to learn its parent, and so which job it belongs
   to (a job's processes are the descendants of its shim, which is a child subreaper, so
   membership never changes: a process outside every job can't later join one);
-- each job process keeps its ``/proc/<pid>/stat`` open, and every tick re-reads it with one
-  ``pread`` (no path lookup, no open/close). When the process ends, the read fails and the
-  file is closed. An open file follows its process, never a later process that reuses the
-  pid. At most half of the soft fd limit is used so; past it, files are opened per tick;
+- each job process keeps its ``/proc/<pid>/stat`` and ``/proc/<pid>/io`` open, and every tick
+  re-reads ``stat`` with one ``pread`` (no path lookup, no open/close). When the process
+  ends, the read fails and the files are closed. An open file follows its process, never a
+  later process that reuses the pid. At most half of the soft fd limit is used so; past it,
+  files are opened when read;
 - IO counters are read every ``io_window_s`` (5 s) rather than every tick, and IO rates are
   averages over that window (like ``iostat 5``): at 1 Hz that saves a third of the cost.
 
@@ -217,13 +218,14 @@ class Sampler:
     def _open(self, pid: int, job: str) -> None:
         """Track a job process, keeping its stat file open while the fd budget allows
         (past it, or on EMFILE, the file is opened at each tick instead)."""
-        stat_fd = -1
-        if len(self._members) < self._fd_budget:
+        stat_fd = io_fd = -1
+        if 2 * len(self._members) < self._fd_budget:
             try:
                 stat_fd = os.open(f"{self.proc}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+                io_fd = os.open(f"{self.proc}/{pid}/io", os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
-                stat_fd = -1
-        self._members[pid] = _Member(pid, job, stat_fd, -1)
+                pass  # no privilege for another user's io file, or EMFILE: read by path
+        self._members[pid] = _Member(pid, job, stat_fd, io_fd)
 
     # -- readings ------------------------------------------------------------------------
 
@@ -307,8 +309,11 @@ class Sampler:
 
     def _read_io(self, member: _Member, acc: list) -> None:
         try:
-            with open(f"{self.proc}/{member.pid}/io", "rb") as handle:
-                io = _parse_io(handle.read())
+            if member.io_fd >= 0:
+                io = _parse_io(os.pread(member.io_fd, 512, 0))
+            else:
+                with open(f"{self.proc}/{member.pid}/io", "rb") as handle:
+                    io = _parse_io(handle.read())
         except (OSError, ValueError, IndexError, KeyError):
             return  # e.g. another user's process without privilege: no IO figures
         if member.io is not None:

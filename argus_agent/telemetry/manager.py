@@ -44,29 +44,25 @@ def lifecycle_event(record: JobRecord, source: EventSource) -> OutEvent:
         "total_elapsed_s": elapsed,
         "agent": "argus-agent",
     }
-    # One id per job end: reported again after a crash, Argus de-duplicates it.
-    event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"argus-agent:{record.batch_id}:{record.cmd_id}").hex
     if record.exit_code == 0 and not record.stop_requested_at:
-        data = {"n_done": 1, "n_failed": 0, **common}
-        return make_event(
-            "batch_done",
-            EventKind.LIFECYCLE,
-            record.batch_id,
-            source,
-            data,
-            timestamp=record.ended_at,
-            event_id=event_id,
-        )
-    data = {"error": record.describe_exit(), "n_done": 0, "n_failed": 1, **common}
+        event_type, data = "batch_done", {"n_done": 1, "n_failed": 0, **common}
+    else:
+        event_type = "batch_failed"
+        data = {"error": record.describe_exit(), "n_done": 0, "n_failed": 1, **common}
     return make_event(
-        "batch_failed",
+        event_type,
         EventKind.LIFECYCLE,
         record.batch_id,
         source,
         data,
         timestamp=record.ended_at,
-        event_id=event_id,
+        event_id=lifecycle_event_id(record.batch_id, record.cmd_id),
     )
+
+
+def lifecycle_event_id(batch_id: str, cmd_id: str) -> str:
+    """The one event id of a job's end: reported again after a crash, Argus de-duplicates it."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"argus-agent:{batch_id}:{cmd_id}").hex
 
 
 def snapshot_data(
@@ -195,7 +191,7 @@ class Telemetry:
         events are on), so it does not wait in ``requested``."""
         if not (self.settings.enabled and self.settings.lifecycle_events):
             return
-        event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"argus-agent:{command.batch_id}:{command.id}")
+        event_id = lifecycle_event_id(command.batch_id, command.id)
         source = EventSource(project=self.settings.project, host=self.hostname)
         data = {
             "error": f"exec failure: {reason}",
@@ -211,7 +207,7 @@ class Telemetry:
                     command.batch_id,
                     source,
                     data,
-                    event_id=event_id.hex,
+                    event_id=event_id,
                 )
             ]
         )

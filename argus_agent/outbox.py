@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS log_offsets (
     batch_id TEXT PRIMARY KEY,
     offset   INTEGER NOT NULL,
-    line_no  INTEGER NOT NULL
+    line_no  INTEGER NOT NULL,
+    skipped  INTEGER NOT NULL DEFAULT 0  -- lines over the rate cap not yet reported
 );
 CREATE TABLE IF NOT EXISTS drops (
     batch_id TEXT NOT NULL,
@@ -79,6 +80,7 @@ class LogOffset:
     batch_id: str
     offset: int
     line_no: int
+    skipped: int = 0
 
 
 @dataclass(frozen=True)
@@ -226,9 +228,11 @@ class Outbox:
     async def log_offsets(self) -> dict[str, LogOffset]:
         """Every job's committed log offset."""
         rows = await self.call(
-            lambda db: db.execute("SELECT batch_id, offset, line_no FROM log_offsets").fetchall()
+            lambda db: db.execute(
+                "SELECT batch_id, offset, line_no, skipped FROM log_offsets"
+            ).fetchall()
         )
-        return {b: LogOffset(b, o, n) for b, o, n in rows}
+        return {b: LogOffset(b, o, n, k) for b, o, n, k in rows}
 
     async def forget_log_offset(self, batch_id: str) -> None:
         """Drop a job's offset once its log is fully read and its job pruned."""
@@ -347,10 +351,11 @@ class Outbox:
                         self._insert(db, put.events, put.chunks)
                         for off in put.offsets:
                             db.execute(
-                                "INSERT INTO log_offsets (batch_id, offset, line_no) VALUES "
-                                "(?, ?, ?) ON CONFLICT(batch_id) DO UPDATE SET "
-                                "offset = excluded.offset, line_no = excluded.line_no",
-                                (off.batch_id, off.offset, off.line_no),
+                                "INSERT INTO log_offsets (batch_id, offset, line_no, skipped) "
+                                "VALUES (?, ?, ?, ?) ON CONFLICT(batch_id) DO UPDATE SET "
+                                "offset = excluded.offset, line_no = excluded.line_no, "
+                                "skipped = excluded.skipped",
+                                (off.batch_id, off.offset, off.line_no, off.skipped),
                             )
             except Exception as exc:  # the writer must outlive any one bad put
                 if not isinstance(exc, sqlite3.Error):

@@ -99,9 +99,9 @@ class LogTailer:
         )
         self.offset = start.offset if start else 0
         self.line_no = start.line_no if start else 0
+        self.skipped = start.skipped if start else 0
         self.max_lines_per_s = max_lines_per_s
         self.bucket = _Bucket(max_lines_per_s, max_lines_per_s, time.monotonic())
-        self.skipped = 0
         self._id_prefix = ""
         self._id_counter = 0
 
@@ -164,7 +164,7 @@ class LogTailer:
             )
             for i in range(0, len(ids), step)
         ]
-        return chunks, LogOffset(self.batch_id, self.offset, self.line_no)
+        return chunks, LogOffset(self.batch_id, self.offset, self.line_no, self.skipped)
 
     def _streams(self, count: int) -> bytes:
         try:

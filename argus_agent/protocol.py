@@ -20,7 +20,6 @@ from argus_agent.errors import ProtocolError
 BATCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 CMD_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
-CommandKind = Literal["rerun", "stop"]
 AckStatus = Literal["started", "failed"]
 KNOWN_KINDS = ("rerun", "stop")
 

@@ -4,6 +4,7 @@ whole tree, logs by the supervisor, retention. Real processes and signals."""
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import os
 import shlex
@@ -262,7 +263,7 @@ async def test_jobs_and_logs_commands_and_the_audit_log(
     rows = listing.stdout.splitlines()
     assert rows[0].split()[:5] == ["BATCH", "PID", "USER", "STATE", "STARTED"]
     row = next(r for r in rows if r.startswith(done))
-    user = "root" if os.geteuid() == 0 else __import__("getpass").getuser()
+    user = "root" if os.geteuid() == 0 else getpass.getuser()
     assert f" {user} " in row and " ended " in row and row.endswith("exit code 0")
     assert next(r for r in rows if r.startswith(slow)).endswith("exit code 4")
     tail = cli("logs", done, "--tail", "3", env=env)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from argus_agent.audit import AuditLog
 from argus_agent.dispatcher import Dispatcher
 from argus_agent.jobs.store import JobRecord, JobStore
 from tests.support import ArgusUser, RunningAgent, alive, eventually, register
@@ -117,7 +118,7 @@ async def test_a_launch_interrupted_by_a_crash_is_acked_failed_not_started(
             running.agent.ledger,
             running.agent.jobs,
             settings,
-            audit=__import__("argus_agent.audit").audit.AuditLog(tmp_path / "audit.log"),
+            audit=AuditLog(tmp_path / "audit.log"),
         )
         running.agent.ledger.begin("c-1", "rerun", "rerun-00000000cafe")  # the old claim
         acks = []

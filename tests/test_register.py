@@ -60,6 +60,7 @@ def test_cli_register_stores_token_0600_and_force_rotates(
     # --force rotates the token, same agent id
     token_file = tmp_path / "reporter-token"
     token_file.write_text(user_token + "\n")
+    token_file.chmod(0o600)  # a token others can read is refused
     env.pop("ARGUS_TOKEN")
     forced = _cli("register", "--force", "--token-file", str(token_file), env=env)
     assert forced.returncode == 0, forced.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import shlex
 
 import pytest
 from hypothesis import given
@@ -16,7 +15,7 @@ from argus_agent.errors import (
     RateLimitedError,
     TransientServerError,
 )
-from argus_agent.jobs.spec import build_command_line, job_base_env
+from argus_agent.jobs.spec import job_base_env
 from argus_agent.protocol import Command, MalformedCommand, decode_command, decode_commands
 
 
@@ -90,26 +89,6 @@ def test_decode_commands_isolates_bad_items() -> None:
 )
 def test_decode_never_raises_on_hostile_items(item: object) -> None:
     assert isinstance(decode_command(item), Command | MalformedCommand)
-
-
-@given(
-    st.dictionaries(
-        st.from_regex(r"[a-z_][a-z0-9_.]{0,10}", fullmatch=True),
-        st.none()
-        | st.booleans()
-        | st.integers()
-        | st.floats(allow_nan=False)
-        | st.text(alphabet=st.characters(blacklist_characters="\x00")),
-        max_size=5,
-    )
-)
-def test_overrides_round_trip_through_the_shell_as_single_words(overrides: dict) -> None:
-    line = build_command_line("python train.py", overrides)
-    words = shlex.split(line)
-    assert words[:2] == ["python", "train.py"]
-    assert len(words) == 2 + len(overrides)
-    for word, key in zip(words[2:], overrides, strict=True):
-        assert word.startswith(f"{key}=")
 
 
 def test_job_base_env_drops_agent_only_variables() -> None:

@@ -14,6 +14,7 @@ import email.utils
 import math
 import time
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -117,6 +118,19 @@ class ArgusClient:
         if not isinstance(body, dict) or not isinstance(body.get("username"), str):
             raise ProtocolError("GET /api/auth/me: answer has no 'username'")
         return body["username"]
+
+    async def batch_user(self, user_token: str, batch_id: str) -> str | None:
+        """The OS user Argus recorded for a batch (``GET /api/batches/{id}``, key ``user``;
+        the SDK fills it from ``$USER`` and a rerun batch copies its source's). None when the
+        batch records none. Raises ServerError (404 also when the token may not see it)."""
+        response = await self._request(
+            "GET", f"/api/batches/{quote(batch_id, safe='')}", user_token
+        )
+        body = _json(response)
+        if not isinstance(body, dict):
+            raise ProtocolError("GET /api/batches/{id}: answer is not an object")
+        user = body.get("user")
+        return user if isinstance(user, str) and user else None
 
     async def poll(self, agent_id: str, agent_token: str) -> Any:
         """Fetch the pending commands; returns the decoded JSON body (see ``protocol``)."""

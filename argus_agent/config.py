@@ -7,7 +7,8 @@ line naming where the value came from, the key, the bad value and what was expec
 
 Sources, lowest precedence first: built-in defaults, the TOML file, ``ARGUS_AGENT_<SECTION>_<KEY>``
 environment variables, then ``ARGUS_URL`` / ``ARGUS_TOKEN`` (the names Argus' own SDK uses).
-Reading the file is the only I/O done here.
+Reading the file (and checking that a file holding ``server.token`` is private) is the only
+I/O done here.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from argus_agent.credentials import shared_mode_fix
 from argus_agent.errors import ConfigError
 
 ENV_PREFIX = "ARGUS_AGENT_"
@@ -156,19 +158,28 @@ DEFAULT_ENV_DENY = (
 )
 
 
+#: Groups whose members are root or close to it (the docker socket, lxd, raw disks, the
+#: shadow file): a system agent refuses to run jobs as their members unless allowed.
+DEFAULT_PRIVILEGED_GROUPS = ("docker", "lxd", "disk", "shadow")
+
+
 class JobSettings(_Section):
     """How relaunched runs are started, run, logged and stopped."""
 
     shell: list[str] = Field(default_factory=lambda: ["/bin/sh", "-c"], min_length=1)
     default_cwd: Path | None = None
     stop_grace_s: float = Field(default=20.0, ge=0, le=3600)
+    unkillable_wait_s: float = Field(default=10.0, gt=0, le=3600)
     inherit_argus_token: bool = False
     run_as: str | None = None
     users: dict[str, str] = Field(default_factory=dict)
     allow_root: bool = False
+    privileged_groups: list[str] = Field(default_factory=lambda: list(DEFAULT_PRIVILEGED_GROUPS))
+    allow_privileged_groups: bool = False
     allowed_requesters: list[str] = Field(default_factory=list)
     env_deny: list[str] = Field(default_factory=lambda: list(DEFAULT_ENV_DENY))
     max_command_age_s: float = Field(default=3600.0, gt=0)
+    max_clock_skew_s: float = Field(default=300.0, ge=0, le=86400)
     max_jobs: int | None = Field(default=None, ge=1)
     log_max_bytes: int = Field(default=1 << 30, ge=4096)
     kill_leftovers: bool = True
@@ -206,8 +217,8 @@ class JobSettings(_Section):
     @classmethod
     def _user_map(cls, value: dict[str, str]) -> dict[str, str]:
         for argus_user, os_user in value.items():
-            if not USER_NAME_RE.match(os_user):
-                raise ValueError(f"{argus_user}: expected an OS user name")
+            if os_user != "*" and not USER_NAME_RE.match(os_user):
+                raise ValueError(f"{argus_user}: expected an OS user name or '*'")
         return value
 
 
@@ -301,9 +312,17 @@ def load_settings(
 
 
 def _read_toml(path: Path, label: str) -> dict[str, Any]:
+    """The parsed file. A file that holds ``server.token`` must be private to its owner
+    (as the token files are): ConfigError names the file, its mode and the ``chmod``."""
     try:
         with path.open("rb") as handle:
-            return tomllib.load(handle)
+            raw = tomllib.load(handle)
+            server = raw.get("server")
+            if isinstance(server, dict) and server.get("token"):
+                problem = shared_mode_fix(path, os.fstat(handle.fileno()).st_mode)
+                if problem is not None:
+                    raise ConfigError(f"{path}: holds server.token but is {problem}")
+            return raw
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except PermissionError:
@@ -339,8 +358,9 @@ def _env_values(env: Mapping[str, str]) -> list[tuple[tuple[str, str], Any, str]
 
 
 def _env_value(text: str) -> Any:
-    """Environment values are strings; a JSON list (``["/bin/bash","-c"]``) becomes a list."""
-    if text.startswith("["):
+    """Environment values are strings; a JSON list (``["/bin/bash","-c"]``) becomes a list
+    and a JSON object (``{"alice": "alice"}``) a table."""
+    if text.startswith(("[", "{")):
         try:
             return json.loads(text)
         except json.JSONDecodeError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import shlex
 import shutil
 import socket
@@ -86,10 +87,13 @@ async def _demo(server: Any, workdir: Path) -> int:
     step.say(f"reference Argus server listening on {server.url} (user alice)")
     jobs: dict[str, Any] = {"stop_grace_s": 3.0}
     if os.geteuid() == 0:
-        # A system agent maps Argus users to OS users and refuses root unless allowed;
-        # run as root, the demo allows root for its own sample job.
-        jobs.update(run_as="root", allow_root=True)
-        step.say("running as root: the demo sets jobs.run_as = 'root' and jobs.allow_root")
+        # A system agent runs a batch as its recorded OS user only for Argus accounts mapped
+        # to that user, and refuses root unless allowed; run as root, the demo maps alice to
+        # root and allows root for its own sample job.
+        jobs.update(users={"alice": "root"}, allow_root=True)
+        step.say(
+            "running as root: the demo sets jobs.users = {alice = 'root'} and jobs.allow_root"
+        )
     settings = Settings.model_validate(
         {
             # The reporter token also lets the agent send the job's telemetry.
@@ -206,6 +210,7 @@ async def _demo(server: Any, workdir: Path) -> int:
 
 def _record_batch(http: httpx.Client, host: str, command: str, cwd: str) -> str:
     batch_id = f"demo-{uuid.uuid4().hex[:8]}"
+    os_user = pwd.getpwuid(os.geteuid()).pw_name
     for event_type, data in (
         ("batch_start", {"command": command, "experiment_type": "demo"}),
         ("env_snapshot", {"cwd": cwd, "env": {"DEMO_GREETING": "hello from argus-agent"}}),
@@ -219,7 +224,8 @@ def _record_batch(http: httpx.Client, host: str, command: str, cwd: str) -> str:
                 "event_type": event_type,
                 "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
                 "batch_id": batch_id,
-                "source": {"project": "demo", "host": host, "user": "alice", "command": command},
+                # As the SDK does: the OS user the run was started as ($USER).
+                "source": {"project": "demo", "host": host, "user": os_user, "command": command},
                 "data": data,
             },
         ).raise_for_status()

@@ -8,14 +8,21 @@ sent is retried by ``flush_acks`` until the server has it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from argus_agent.audit import AuditLog
 from argus_agent.config import Settings
-from argus_agent.errors import ConflictError, JobError, LaunchError, NotFoundError
-from argus_agent.jobs.policy import UserDb
+from argus_agent.errors import (
+    ConflictError,
+    JobError,
+    LaunchError,
+    NotFoundError,
+    ServerError,
+)
+from argus_agent.jobs.policy import BatchOwner, UserDb
 from argus_agent.jobs.spec import HostFacts, build_launch_spec, current_home, job_base_env
 from argus_agent.jobs.supervisor import JobManager
 from argus_agent.ledger import CommandLedger
@@ -25,6 +32,10 @@ from argus_agent.protocol import KNOWN_KINDS, AckStatus, Command, MalformedComma
 log = get_logger(__name__)
 
 AckFn = Callable[[str, AckStatus, int | None, str | None], Awaitable[None]]
+#: Reads the OS user Argus recorded for a batch (None: the batch records none).
+OwnerLookup = Callable[[str], Awaitable[str | None]]
+#: How long reading a batch's recorded user may take before the env snapshot is used.
+OWNER_LOOKUP_TIMEOUT_S = 10.0
 
 INTERRUPTED = (
     "the agent restarted while handling this command; it is not retried so that nothing runs"
@@ -44,10 +55,14 @@ class Dispatcher:
         *,
         environ: Mapping[str, str] | None = None,
         userdb: UserDb | None = None,
-        owner: str | None = None,
+        agent_account: str | None = None,
+        owner_lookup: OwnerLookup | None = None,
         on_launch_failed: Callable[[Command, str], Awaitable[None]] | None = None,
     ) -> None:
-        self.owner = owner
+        #: The Argus account that registered this agent.
+        self.agent_account = agent_account
+        #: Reads a batch's recorded OS user from the server (needs a reporter token).
+        self.owner_lookup = owner_lookup
         #: Told when a rerun's exec failed (not when policy refused it).
         self.on_launch_failed = on_launch_failed
         self.ledger = ledger
@@ -150,7 +165,8 @@ class Dispatcher:
                 batch_id=command.batch_id,
                 reason=str(exc),
             )
-            self._audit("refuse", command, who, reason=str(exc))
+            extra = {"cwd": command.payload.get("cwd")} if command.kind == "rerun" else {}
+            self._audit("refuse", command, who, reason=str(exc), **extra)
             if isinstance(exc, LaunchError) and self.on_launch_failed is not None:
                 try:
                     await self.on_launch_failed(command, str(exc))
@@ -170,7 +186,8 @@ class Dispatcher:
             now=time.time(),
             running_jobs=len(self.jobs.running()),
             home=self.home,
-            owner=self.owner,
+            agent_account=self.agent_account,
+            batch_owner=await self._recorded_owner(command),
         )
         spec = build_launch_spec(
             command,
@@ -188,6 +205,10 @@ class Dispatcher:
             run_as=spec.identity.user,
             uid=spec.identity.uid,
             command=spec.command_line,
+            argv=list(spec.argv),
+            owner=spec.owner.name if spec.owner else None,
+            owner_source=spec.owner.source if spec.owner else None,
+            recorded_cwd=spec.recorded_cwd,
             cwd=str(spec.cwd),
             dropped_env=list(spec.dropped_env),
             source_batch_id=spec.source_batch_id,
@@ -199,6 +220,25 @@ class Dispatcher:
                 names=list(spec.dropped_env),
             )
         return "started", record.pid, None
+
+    async def _recorded_owner(self, command: Command) -> BatchOwner | None:
+        """The OS user Argus recorded for the rerun batch, read from the server; None when it
+        cannot be read (no reporter token, no such batch for this token, server away): the
+        policy then falls back on the env snapshot's ``USER``."""
+        if self.owner_lookup is None:
+            return None
+        try:
+            user = await asyncio.wait_for(
+                self.owner_lookup(command.batch_id), OWNER_LOOKUP_TIMEOUT_S
+            )
+        except (ServerError, TimeoutError) as exc:
+            log.warning(
+                "cannot read the batch's recorded user; using the env snapshot's USER",
+                batch_id=command.batch_id,
+                reason=str(exc) or type(exc).__name__,
+            )
+            return None
+        return BatchOwner(user, "batch") if user else None
 
     def _audit(self, action: str, cmd: Command, who: str | None, **fields: object) -> None:
         self.audit.record(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import pwd
 import socket
 import time
 import uuid
@@ -22,6 +24,7 @@ from argus_agent.registration import register_host
 
 T = TypeVar("T")
 HOST = socket.gethostname()
+OS_USER = pwd.getpwuid(os.geteuid()).pw_name
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
@@ -62,14 +65,19 @@ class ArgusUser:
         env: dict[str, str] | None = None,
         host: str = HOST,
         done: bool = True,
+        user: str | None = OS_USER,
     ) -> str:
-        """Record a finished batch the way the SDK would; returns its id."""
+        """Record a finished batch the way the SDK would (``source.user`` is the OS user the
+        run was started as, by default this test's); returns its id."""
         batch_id = f"b-{uuid.uuid4().hex[:10]}"
-        self.event("batch_start", batch_id, {"command": command}, host=host, command=command)
+        who = {"user": user} if user is not None else {}
+        self.event(
+            "batch_start", batch_id, {"command": command}, host=host, command=command, **who
+        )
         if cwd is not None or env is not None:
-            self.event("env_snapshot", batch_id, {"cwd": cwd, "env": env}, host=host)
+            self.event("env_snapshot", batch_id, {"cwd": cwd, "env": env}, host=host, **who)
         if done:
-            self.event("batch_done", batch_id, {"n_done": 1}, host=host)
+            self.event("batch_done", batch_id, {"n_done": 1}, host=host, **who)
         return batch_id
 
     def rerun(self, batch_id: str, overrides: dict | None = None) -> str:
@@ -195,7 +203,11 @@ def agent_env(settings: Settings, **extra: str) -> dict[str, str]:
         "ARGUS_AGENT_JOBS_STOP_GRACE_S": str(settings.jobs.stop_grace_s),
     }
     if os.geteuid() == 0:
-        env.update(ARGUS_AGENT_JOBS_RUN_AS="root", ARGUS_AGENT_JOBS_ALLOW_ROOT="true")
+        env.update(
+            ARGUS_AGENT_JOBS_RUN_AS="root",
+            ARGUS_AGENT_JOBS_ALLOW_ROOT="true",
+            ARGUS_AGENT_JOBS_USERS='{"alice": "*"}',
+        )
     env.update(extra)
     return env
 

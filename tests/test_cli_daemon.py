@@ -24,7 +24,11 @@ def _env(settings, **extra: str) -> dict[str, str]:
         "ARGUS_AGENT_AGENT_HOSTNAME": settings.agent.hostname,
         "ARGUS_AGENT_AGENT_POLL_INTERVAL_S": "0.2",
         **(
-            {"ARGUS_AGENT_JOBS_RUN_AS": "root", "ARGUS_AGENT_JOBS_ALLOW_ROOT": "true"}
+            {
+                "ARGUS_AGENT_JOBS_RUN_AS": "root",
+                "ARGUS_AGENT_JOBS_ALLOW_ROOT": "true",
+                "ARGUS_AGENT_JOBS_USERS": '{"alice": "*"}',
+            }
             if os.geteuid() == 0
             else {}
         ),

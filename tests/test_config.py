@@ -102,15 +102,15 @@ def _error(tmp_path: Path, body: str, environ: dict[str, str] | None = None) -> 
             "",
             {"ARGUS_AGENT_JOBS_GRACE": "3"},
             "environment ARGUS_AGENT_JOBS_GRACE: jobs.grace: unknown key; expected one of "
-            "allow_root, allowed_requesters, default_cwd, env_deny, inherit_argus_token, "
-            "kill_leftovers, "
-            "log_max_bytes, max_command_age_s, max_jobs, retention_days, run_as, shell, "
-            "stop_grace_s, users",
+            "allow_privileged_groups, allow_root, allowed_requesters, default_cwd, env_deny, "
+            "inherit_argus_token, kill_leftovers, log_max_bytes, max_clock_skew_s, "
+            "max_command_age_s, max_jobs, privileged_groups, retention_days, run_as, shell, "
+            "stop_grace_s, unkillable_wait_s, users",
         ),
         (
             '[jobs]\nusers = { alice = "not a user" }\n',
             {},
-            "config.toml: jobs.users.alice: expected an OS user name, got 'not a user'",
+            "config.toml: jobs.users.alice: expected an OS user name or '*', got 'not a user'",
         ),
         ("[jobs]\nmax_jobs = 0\n", {}, "config.toml: jobs.max_jobs: expected a number >= 1, got 0"),
         (
@@ -209,6 +209,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 def test_cli_config_check_prints_redacted_config_or_one_line_error(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text('[server]\nurl = "https://argus.example"\ntoken = "em_live_topsecret"\n')
+    good.chmod(0o600)  # it holds a token
     result = _cli("config", "check", "--config", str(good))
     assert result.returncode == 0, result.stderr
     assert '"url": "https://argus.example"' in result.stdout

@@ -12,7 +12,7 @@ import pytest
 from argus_agent.config import DEFAULT_ENV_DENY, Settings
 from argus_agent.errors import PayloadError
 from argus_agent.jobs import policy
-from argus_agent.jobs.policy import Identity, UserDb
+from argus_agent.jobs.policy import BatchOwner, Identity, UserDb
 from argus_agent.jobs.spec import HostFacts, build_launch_spec
 from argus_agent.protocol import Command
 
@@ -26,7 +26,11 @@ class FakeUsers(UserDb):
         "root": (0, 0, "/root"),
         "alice": (1001, 1001, "/home/alice"),
         "trainer": (1500, 1500, "/srv/trainer"),
+        "bob": (1002, 1002, "/home/bob"),
+        "dockerer": (1003, 1003, "/home/dockerer"),
+        "wheelie": (1004, 0, "/home/wheelie"),
     }
+    group_ids = {"docker": 999, "disk": 6, "shadow": 42}
 
     def by_name(self, name: str):
         uid, gid, home = self.users[name]
@@ -39,7 +43,11 @@ class FakeUsers(UserDb):
         return self.by_name(name)
 
     def groups(self, name: str, gid: int) -> tuple[int, ...]:
-        return (gid, 27) if name == "alice" else (gid,)
+        extra = {"alice": (27,), "dockerer": (999,)}
+        return (gid, *extra.get(name, ()))
+
+    def gid_of(self, group: str) -> int | None:
+        return self.group_ids.get(group)
 
 
 def _settings(**jobs: object) -> Settings:
@@ -52,15 +60,23 @@ def _settings(**jobs: object) -> Settings:
     )
 
 
+ISO_NOW = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(NOW))
+AUTO = "auto"
+
+
 def _spec(
     payload: dict,
     *,
     uid: int = 1001,
     running: int = 0,
-    created_at: str | None = None,
-    owner: str | None = "alice",
+    created_at: str | None = ISO_NOW,
+    account: str | None = "alice",
+    batch_owner: str | None = AUTO,
     **jobs: object,
 ):
+    """Build a spec as the agent of ``uid`` would. ``batch_owner`` is the OS user the server
+    recorded for the batch (by default the one that makes the request valid: alice for a
+    system agent, the agent's own user for a per-user agent; None: the server has none)."""
     base = {"command": "python t.py", "host": "gpu-01", "requested_by": "alice"}
     command = Command(
         id="c1",
@@ -69,11 +85,20 @@ def _spec(
         payload={**base, **payload},
         created_at=created_at,
     )
+    if batch_owner == AUTO:
+        batch_owner = "alice" if uid == 0 else FakeUsers().by_uid(uid).pw_name
     return build_launch_spec(
         command,
         settings=_settings(**jobs),
         base_env={"PATH": "/bin", "HOME": "/agent"},
-        facts=HostFacts(agent_uid=uid, now=NOW, running_jobs=running, home=Path("/"), owner=owner),
+        facts=HostFacts(
+            agent_uid=uid,
+            now=NOW,
+            running_jobs=running,
+            home=Path("/"),
+            agent_account=account,
+            batch_owner=BatchOwner(batch_owner, "batch") if batch_owner else None,
+        ),
         userdb=FakeUsers(),
     )
 
@@ -102,7 +127,16 @@ def test_a_good_payload_becomes_a_launch_spec(open_dir: Path) -> None:
         uid=0,
         users={"alice": "alice"},
     )
-    assert spec.argv == ("/bin/sh", "-c", "python t.py lr=0.1 flag=false opt=null")
+    assert spec.argv == (
+        "/bin/sh",
+        "-c",
+        'python t.py "$@"',
+        "sh",
+        "lr=0.1",
+        "flag=false",
+        "opt=null",
+    )
+    assert spec.command_line == "python t.py lr=0.1 flag=false opt=null"
     assert spec.identity == Identity("alice", 1001, 1001, (1001, 27), "/home/alice", "/bin/bash")
     assert spec.env["HOME"] == "/home/alice" and spec.env["USER"] == "alice"
     assert spec.env["LOGNAME"] == "alice" and spec.env["SHELL"] == "/bin/bash"
@@ -123,7 +157,9 @@ def test_system_agent_default_run_as_and_default_cwd_is_the_users_home(open_dir)
     tmp_path = open_dir
     FakeUsers.users["trainer"] = (1500, 1500, str(tmp_path))
     try:
-        spec = _spec({"requested_by": "bob"}, uid=0, run_as="trainer")
+        spec = _spec(
+            {"requested_by": "bob"}, uid=0, run_as="trainer", users={"bob": "trainer"}
+        )
     finally:
         FakeUsers.users["trainer"] = (1500, 1500, "/srv/trainer")
     assert spec.identity.user == "trainer" and spec.cwd == tmp_path
@@ -209,29 +245,31 @@ def test_full_host_is_refused() -> None:
         (
             "bob",
             {},
-            "Argus user 'bob' is not mapped to an OS user on this host (jobs.users) and "
-            "jobs.run_as is not set",
+            "Argus user 'bob' is not mapped to an OS user on this host (jobs.users), so it may "
+            "not run batch owner 'alice''s command",
         ),
         (
             None,
             {},
-            "Argus user None is not mapped to an OS user on this host (jobs.users) and "
-            "jobs.run_as is not set",
+            "Argus user None is not mapped to an OS user on this host (jobs.users), so it may "
+            "not run batch owner 'alice''s command",
         ),
         (
             "alice",
             {"users": {"alice": "ghost"}},
-            "OS user 'ghost' (for Argus user 'alice') does not exist on this host",
+            "Argus user 'alice' may run only 'ghost''s batches on this host (jobs.users), and "
+            "this batch belongs to OS user 'alice' (from the batch)",
         ),
         (
-            "alice",
-            {"users": {"alice": "root"}},
+            "bob",
+            {"run_as": "root", "users": {"bob": "*"}},
             "refusing to run a job as root; set jobs.allow_root = true to allow it",
         ),
         (
             "bob",
-            {"run_as": "root"},
-            "refusing to run a job as root; set jobs.allow_root = true to allow it",
+            {"run_as": "trainer", "users": {"bob": "bob"}},
+            "Argus user 'bob' may not run jobs on this host: jobs.run_as runs every job as "
+            "'trainer', and jobs.users does not map 'bob' to 'trainer' (or '*')",
         ),
     ],
 )
@@ -242,7 +280,7 @@ def test_system_agent_user_refusals(requested_by, jobs: dict, reason: str) -> No
 
 
 def test_root_allowed_when_configured() -> None:
-    spec = _spec({"cwd": "/"}, uid=0, run_as="root", allow_root=True)
+    spec = _spec({"cwd": "/"}, uid=0, run_as="root", allow_root=True, users={"alice": "*"})
     assert spec.identity.uid == 0
 
 
@@ -295,8 +333,173 @@ def test_per_user_agent_runs_only_its_owners_reruns() -> None:
     assert _spec({"cwd": "/", "requested_by": "bob"}, uid=1500, allowed_requesters=["bob"])
     assert _spec({"cwd": "/", "requested_by": "eve"}, uid=1500, allowed_requesters=["*"])
     with pytest.raises(PayloadError) as caught:
-        _spec({"cwd": "/"}, uid=1500, owner=None)
+        _spec({"cwd": "/"}, uid=1500, account=None)
     assert str(caught.value) == (
         "this per-user agent does not know which Argus user it belongs to; re-register it "
         "(argus-agent register --force) or set jobs.allowed_requesters"
     )
+
+
+# -- who the job runs as: the batch's owner, never the account that pressed Rerun ------------
+
+
+def test_admin_rerunning_another_users_batch_runs_it_as_its_owner() -> None:
+    spec = _spec(
+        {"cwd": "/", "requested_by": "admin"},
+        uid=0,
+        batch_owner="bob",
+        users={"admin": "*", "bob": "bob"},
+    )
+    assert spec.identity.user == "bob" and spec.env["USER"] == "bob"
+    assert spec.owner == BatchOwner("bob", "batch")
+
+
+def test_the_requester_must_be_mapped_to_the_batchs_owner() -> None:
+    with pytest.raises(PayloadError) as caught:
+        _spec(
+            {"cwd": "/", "requested_by": "alice"},
+            uid=0,
+            batch_owner="bob",
+            users={"alice": "alice"},
+        )
+    assert str(caught.value) == (
+        "Argus user 'alice' may run only 'alice''s batches on this host (jobs.users), and this "
+        "batch belongs to OS user 'bob' (from the batch)"
+    )
+
+
+def test_owner_falls_back_on_the_env_snapshots_user_and_else_is_refused() -> None:
+    spec = _spec(
+        {"cwd": "/", "env": {"USER": "bob"}, "requested_by": "bob"},
+        uid=0,
+        batch_owner=None,
+        users={"bob": "bob"},
+    )
+    assert spec.identity.user == "bob" and spec.owner == BatchOwner("bob", "env snapshot")
+    with pytest.raises(PayloadError) as caught:
+        _spec({"cwd": "/"}, uid=0, batch_owner=None, users={"alice": "alice"})
+    assert str(caught.value).startswith("cannot tell which OS user this batch ran as")
+
+
+def test_a_recorded_owner_that_is_no_user_name_is_refused() -> None:
+    with pytest.raises(PayloadError) as caught:
+        _spec({"cwd": "/"}, uid=0, batch_owner="../../root", users={"alice": "*"})
+    assert str(caught.value) == "the batch's recorded user '../../root' is not an OS user name"
+
+
+def test_per_user_agent_runs_only_batches_of_its_own_os_user() -> None:
+    with pytest.raises(PayloadError) as caught:
+        _spec({"cwd": "/"}, uid=1500, batch_owner="alice", allowed_requesters=["alice"])
+    assert str(caught.value) == (
+        "batch belongs to OS user 'alice' (from the batch), but this per-user agent runs as "
+        "'trainer'; Argus user 'alice' must rerun it where that user's agent (or a system "
+        "agent) runs"
+    )
+    with pytest.raises(PayloadError) as caught:
+        _spec({"cwd": "/"}, uid=1500, batch_owner=None)
+    assert str(caught.value).startswith("cannot tell which OS user this batch ran as")
+
+
+def test_the_login_identity_is_the_run_as_users_own_not_the_recordings() -> None:
+    recorded = {
+        "HOME": "/root",
+        "USER": "alice",
+        "LOGNAME": "root",
+        "SHELL": "/tmp/evil",
+        "PATH": "/opt/conda/bin:/usr/bin",
+        "CUDA_VISIBLE_DEVICES": "1",
+    }
+    spec = _spec({"cwd": "/", "env": recorded}, uid=0, users={"alice": "alice"})
+    assert spec.env["HOME"] == "/home/alice" and spec.env["USER"] == "alice"
+    assert spec.env["LOGNAME"] == "alice" and spec.env["SHELL"] == "/bin/bash"
+    assert spec.env["PATH"] == "/opt/conda/bin:/usr/bin"  # reproducible: from the recording
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("owner", "reason"),
+    [
+        (
+            "dockerer",
+            "refusing to run a job as 'dockerer': the user is in group 'docker', which is close "
+            "to root (jobs.privileged_groups); set jobs.allow_privileged_groups = true to allow it",
+        ),
+        (
+            "wheelie",
+            "refusing to run a job as 'wheelie': the user is in group 0 (root's group); set "
+            "jobs.allow_privileged_groups = true to allow it",
+        ),
+    ],
+)
+def test_root_equivalent_groups_are_refused_unless_allowed(owner: str, reason: str) -> None:
+    with pytest.raises(PayloadError) as caught:
+        _spec({"cwd": "/"}, uid=0, batch_owner=owner, users={"alice": "*"})
+    assert str(caught.value) == reason
+    allowed = _spec(
+        {"cwd": "/"},
+        uid=0,
+        batch_owner=owner,
+        users={"alice": "*"},
+        allow_privileged_groups=True,
+    )
+    assert allowed.identity.user == owner
+    # The list is the operator's: without docker on it, docker's members pass.
+    assert _spec(
+        {"cwd": "/"}, uid=0, batch_owner="dockerer", users={"alice": "*"}, privileged_groups=[]
+    )
+
+
+# -- expiry fails closed ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "created_at",
+    [
+        None,
+        "",
+        "Thu, 26 Nov 2026 12:00:00 +0000",  # RFC 2822
+        "1795700000",  # epoch seconds as a string
+        "2020/01/01",
+        "yesterday",
+        "2026-13-45T99:00:00Z",
+    ],
+)
+def test_a_command_whose_age_cannot_be_read_is_refused(created_at) -> None:
+    with pytest.raises(PayloadError) as caught:
+        _spec({"cwd": "/"}, uid=1500, created_at=created_at)
+    assert "is not an ISO 8601 time, so its age cannot be checked" in str(caught.value)
+
+
+def test_a_future_dated_command_is_refused_beyond_the_allowed_clock_skew() -> None:
+    soon = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(NOW + 60))
+    assert _spec({"cwd": "/"}, uid=1500, created_at=soon)
+    future = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(NOW + 86400 * 365))
+    with pytest.raises(PayloadError) as caught:
+        _spec({"cwd": "/"}, uid=1500, created_at=future)
+    assert "in the future (more than jobs.max_clock_skew_s, 300 s)" in str(caught.value)
+
+
+# -- the working directory is resolved before it is checked ----------------------------------
+
+
+def test_a_symlinked_cwd_is_checked_where_it_leads(open_dir: Path, tmp_path: Path) -> None:
+    private_home = tmp_path / "bob"  # 0700, like a home directory
+    project = private_home / "project"
+    project.mkdir(parents=True)
+    private_home.chmod(0o700)
+    project.chmod(0o755)
+    link = open_dir / "link"
+    link.symlink_to(project)
+    if os.stat(private_home).st_uid == 1001:
+        pytest.skip("the test's files belong to uid 1001")
+    with pytest.raises(PayloadError) as caught:
+        _spec({"cwd": str(link)}, uid=0, users={"alice": "alice"})
+    assert str(caught.value) == (
+        f"working directory {link} (resolves to {project}) is not accessible to user alice"
+    )
+
+
+def test_proc_self_cwd_resolves_to_a_real_path(open_dir: Path, monkeypatch) -> None:
+    monkeypatch.chdir(open_dir)
+    spec = _spec({"cwd": "/proc/self/cwd"}, uid=0, users={"alice": "alice"})
+    assert spec.cwd == open_dir.resolve() and spec.recorded_cwd == "/proc/self/cwd"

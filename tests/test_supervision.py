@@ -336,8 +336,10 @@ async def test_system_agent_runs_the_job_as_the_mapped_user(
 
         entry = pwd.getpwnam(name)
         extra_gid = grp.getgrnam(group).gr_gid
+        # The reporter token lets the agent read the batch's recorded user (the owner).
         settings = make_settings(
-            jobs={"users": {"alice": name}, "run_as": None, "allow_root": False}
+            server={"token": user_token},
+            jobs={"users": {"alice": name}, "run_as": None, "allow_root": False},
         )
         await register(settings, user_token)
         async with RunningAgent(settings) as running:
@@ -348,7 +350,7 @@ async def test_system_agent_runs_the_job_as_the_mapped_user(
                 '"cwd": "%s"}\\n\' "$(id -ru)" "$(id -u)" "$(id -g)" "$(id -G)" '
                 '"$HOME" "$USER" "$LOGNAME" "$SHELL" "$PWD"'
             )
-            batch = argus.rerun(argus.record_batch(whoami))
+            batch = argus.rerun(argus.record_batch(whoami, user=name))
             ended = await eventually(
                 lambda: (r := running.agent.jobs.get(batch)) and r.ended_at is not None and r,
                 what="job end",
@@ -368,14 +370,15 @@ async def test_system_agent_runs_the_job_as_the_mapped_user(
             # the agent's own files stay out of the job user's reach
             assert settings.agent.state_dir.stat().st_mode & 0o077 == 0
             assert settings.token_path.stat().st_mode & 0o077 == 0
-            # an unmapped Argus user is refused with the reason
+            # an unmapped Argus user is refused with the reason (the owner read from the
+            # env snapshot: alice's token may not read bob's batch)
             other = ArgusUser(argus.url, running_user_token(argus, "bob"))
-            refused = other.rerun(other.record_batch("id"))
+            refused = other.rerun(other.record_batch("id", user=name, env={"USER": name}))
             cmd = await eventually(lambda: argus.acked(refused, "rerun"), what="refusal")
             assert cmd["status"] == "failed"
             assert cmd["error"] == (
-                "Argus user 'bob' is not mapped to an OS user on this host "
-                "(jobs.users) and jobs.run_as is not set"
+                "Argus user 'bob' is not mapped to an OS user on this host (jobs.users), so "
+                f"it may not run batch owner {name!r}'s command"
             )
     finally:
         subprocess.run(["userdel", "--remove", name], check=False, capture_output=True)

@@ -22,6 +22,12 @@ MAX_COMMAND_BYTES = 64 * 1024
 MAX_ENV_BYTES = 256 * 1024
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 OVERRIDE_KEY_RE = re.compile(r"^[A-Za-z_+~][A-Za-z0-9_.\-/@+]{0,255}$")
+#: An ISO 8601 date-time (what Argus writes): the date part is ``YYYY-MM-DD``.
+ISO_TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}")
+#: What an OS user name recorded by the SDK (``$USER``) may look like.
+OS_USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$", re.IGNORECASE)
+#: A ``jobs.users`` value that lets an Argus account run batches of any OS user.
+ANY_OWNER = "*"
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,15 @@ class UserDb:
     def groups(self, name: str, gid: int) -> tuple[int, ...]:
         """Every group of user ``name`` (what initgroups would set)."""
         return tuple(os.getgrouplist(name, gid))
+
+    def gid_of(self, group: str) -> int | None:
+        """The gid of group ``group``, or None when the host has no such group."""
+        import grp
+
+        try:
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            return None
 
 
 def check_command(raw: Any) -> str:
@@ -160,8 +175,10 @@ def check_host(raw: Any, hostname: str, aliases: Sequence[str]) -> None:
 
 
 def parse_time(raw: Any) -> float | None:
-    """An ISO 8601 timestamp as epoch seconds (naive means UTC); None when unreadable."""
-    if not isinstance(raw, str):
+    """An ISO 8601 timestamp (``2026-01-31T12:00:00Z``; naive means UTC, as Argus writes
+    them) as epoch seconds; None for anything else (RFC 2822 dates, epoch numbers,
+    ``2020/01/01``)."""
+    if not isinstance(raw, str) or not ISO_TIME_RE.match(raw):
         return None
     try:
         parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
@@ -172,13 +189,25 @@ def parse_time(raw: Any) -> float | None:
     return parsed.timestamp()
 
 
-def check_age(created_at: Any, now: float, max_age_s: float) -> None:
+def check_age(created_at: Any, now: float, max_age_s: float, max_skew_s: float = 300.0) -> None:
     """Refuse a command created more than ``max_age_s`` ago (the server redelivers old
-    pending commands after an agent outage). A command without a readable time passes."""
+    pending commands after an agent outage). Fails closed: a command whose ``created_at``
+    is missing or unreadable, or lies more than ``max_skew_s`` in the future (a server clock
+    or a forged value that would never expire), is refused too."""
     created = parse_time(created_at)
     if created is None:
-        return
+        shown = repr(created_at)[:80]
+        raise PayloadError(
+            f"command refused: its created_at {shown} is not an ISO 8601 time, so its age "
+            "cannot be checked (jobs.max_command_age_s)"
+        )
     age = now - created
+    if age < -max_skew_s:
+        raise PayloadError(
+            f"command refused: its created_at {created_at[:40]!r} is {-age:.0f} s in the "
+            f"future (more than jobs.max_clock_skew_s, {max_skew_s:.0f} s); check the clocks "
+            "of this host and the server (NTP)"
+        )
     if age > max_age_s:
         raise PayloadError(
             f"command expired: created {age / 60:.0f} min ago, older than "
@@ -192,54 +221,140 @@ def check_capacity(running: int, max_jobs: int | None) -> None:
         raise PayloadError(f"host is full: {running} job(s) running, jobs.max_jobs is {max_jobs}")
 
 
+@dataclass(frozen=True)
+class BatchOwner:
+    """The OS user a batch was recorded as running as, and where the agent learned it."""
+
+    name: str
+    source: str  # "batch" (GET /api/batches/{id} ``user``) or "env snapshot" (``USER``)
+
+
+def owner_from_env(env: Any) -> BatchOwner | None:
+    """The owner recorded in a rerun's env snapshot (its ``USER``), or None."""
+    if isinstance(env, dict):
+        user = env.get("USER")
+        if isinstance(user, str) and user:
+            return BatchOwner(user, "env snapshot")
+    return None
+
+
 def resolve_identity(
     requested_by: Any,
+    owner: BatchOwner | None,
     *,
     agent_uid: int,
     users: Mapping[str, str],
     run_as: str | None,
     allow_root: bool,
     userdb: UserDb,
-    owner: str | None = None,
+    agent_account: str | None = None,
     allowed_requesters: Sequence[str] = (),
+    privileged_groups: Sequence[str] = (),
+    allow_privileged_groups: bool = False,
 ) -> Identity:
-    """Who the job runs as. A per-user agent (not root) runs every job as itself, and only
-    for the Argus user it was registered by (``owner``) or those in ``allowed_requesters``
-    (``*``: anyone): Argus sends a host's commands to whichever agent of that host polled
-    last, so another user's per-user agent must not run them. A system agent (root) maps the
-    Argus user who asked (``jobs.users``), else uses ``jobs.run_as``; root only with
-    ``allow_root``."""
+    """Who the job runs as, and whether the Argus account that pressed Rerun may ask for it.
+
+    The OS user comes from the batch's recorded ``owner`` (the user Argus recorded for the
+    run), never from ``requested_by`` (the Argus account that pressed Rerun), which only
+    decides whether the request is allowed:
+
+    - A per-user agent (not root) runs a batch only when its owner is the agent's own OS user
+      and the request comes from the Argus account that registered the agent
+      (``agent_account``) or one in ``allowed_requesters`` (``*``: anyone).
+    - A system agent (root) runs a batch as its owner only when ``users`` maps the requesting
+      Argus account to that OS user or to ``*`` (any owner). With ``run_as`` set, every job
+      runs as that one OS user instead, and the account must be mapped to it or to ``*``.
+      Root only with ``allow_root``; a user in gid 0 or in one of ``privileged_groups``
+      (root-equivalent: docker, lxd, disk, shadow…) only with ``allow_privileged_groups``.
+
+    Raises PayloadError naming both the requester and the owner.
+    """
     who = requested_by if isinstance(requested_by, str) and requested_by else None
+    if owner is not None and not OS_USER_RE.match(owner.name):
+        raise PayloadError(f"the batch's recorded user {owner.name[:64]!r} is not an OS user name")
     if agent_uid != 0:
-        allowed = set(allowed_requesters) | ({owner} if owner else set())
-        if not allowed:
+        return _per_user_identity(who, owner, agent_uid, userdb, agent_account, allowed_requesters)
+    if run_as is not None:
+        name = run_as
+        mapped = users.get(who) if who else None
+        if mapped not in (run_as, ANY_OWNER):
             raise PayloadError(
-                "this per-user agent does not know which Argus user it belongs to; "
-                "re-register it (argus-agent register --force) or set jobs.allowed_requesters"
+                f"Argus user {who!r} may not run jobs on this host: jobs.run_as runs every job "
+                f"as {run_as!r}, and jobs.users does not map {who!r} to {run_as!r} (or '*')"
             )
-        if "*" not in allowed and who not in allowed:
-            raise PayloadError(
-                f"Argus user {who!r} may not run jobs through this per-user agent of "
-                f"{owner!r}; list them in jobs.allowed_requesters"
-            )
-        entry = userdb.by_uid(agent_uid)
     else:
-        name = users.get(who) if who else None
-        if name is None:
-            name = run_as
-        if name is None:
+        if owner is None:
+            raise PayloadError(_UNKNOWN_OWNER)
+        name = owner.name
+        mapped = users.get(who) if who else None
+        if mapped is None:
             raise PayloadError(
-                f"Argus user {who!r} is not mapped to an OS user on this host "
-                "(jobs.users) and jobs.run_as is not set"
+                f"Argus user {who!r} is not mapped to an OS user on this host (jobs.users), "
+                f"so it may not run batch owner {name!r}'s command"
             )
-        try:
-            entry = userdb.by_name(name)
-        except KeyError:
+        if mapped not in (name, ANY_OWNER):
             raise PayloadError(
-                f"OS user {name!r} (for Argus user {who!r}) does not exist on this host"
-            ) from None
-    if entry.pw_uid == 0 and agent_uid == 0 and not allow_root:
-        raise PayloadError("refusing to run a job as root; set jobs.allow_root = true to allow it")
+                f"Argus user {who!r} may run only {mapped!r}'s batches on this host "
+                f"(jobs.users), and this batch belongs to OS user {name!r} "
+                f"(from the {owner.source})"
+            )
+    try:
+        entry = userdb.by_name(name)
+    except KeyError:
+        raise PayloadError(
+            f"OS user {name!r} (owner of the batch, asked for by Argus user {who!r}) does not "
+            "exist on this host"
+        ) from None
+    identity = _identity(entry, userdb)
+    if identity.uid == 0:
+        if not allow_root:
+            raise PayloadError(
+                "refusing to run a job as root; set jobs.allow_root = true to allow it"
+            )
+    elif not allow_privileged_groups:
+        _check_groups(identity, privileged_groups, userdb)
+    return identity
+
+
+_UNKNOWN_OWNER = (
+    "cannot tell which OS user this batch ran as: the batch records no user and its env "
+    "snapshot no USER; give the agent a reporter token that can read the batch "
+    "(ARGUS_TOKEN or server.token_file)"
+)
+
+
+def _per_user_identity(
+    who: str | None,
+    owner: BatchOwner | None,
+    agent_uid: int,
+    userdb: UserDb,
+    agent_account: str | None,
+    allowed_requesters: Sequence[str],
+) -> Identity:
+    allowed = set(allowed_requesters) | ({agent_account} if agent_account else set())
+    if not allowed:
+        raise PayloadError(
+            "this per-user agent does not know which Argus user it belongs to; "
+            "re-register it (argus-agent register --force) or set jobs.allowed_requesters"
+        )
+    if "*" not in allowed and who not in allowed:
+        raise PayloadError(
+            f"Argus user {who!r} may not run jobs through this per-user agent of "
+            f"{agent_account!r}; list them in jobs.allowed_requesters"
+        )
+    identity = _identity(userdb.by_uid(agent_uid), userdb)
+    if owner is None:
+        raise PayloadError(_UNKNOWN_OWNER)
+    if owner.name != identity.user:
+        raise PayloadError(
+            f"batch belongs to OS user {owner.name!r} (from the {owner.source}), but this "
+            f"per-user agent runs as {identity.user!r}; Argus user {who!r} must rerun it "
+            "where that user's agent (or a system agent) runs"
+        )
+    return identity
+
+
+def _identity(entry: Any, userdb: UserDb) -> Identity:
     return Identity(
         user=entry.pw_name,
         uid=entry.pw_uid,
@@ -248,6 +363,24 @@ def resolve_identity(
         home=entry.pw_dir,
         shell=entry.pw_shell,
     )
+
+
+def _check_groups(identity: Identity, privileged: Sequence[str], userdb: UserDb) -> None:
+    """Refuse a user whose groups give root or something close to it by a side door."""
+    gids = {identity.gid, *identity.groups}
+    if 0 in gids:
+        raise PayloadError(
+            f"refusing to run a job as {identity.user!r}: the user is in group 0 (root's "
+            "group); set jobs.allow_privileged_groups = true to allow it"
+        )
+    for group in privileged:
+        gid = userdb.gid_of(group)
+        if gid is not None and gid in gids:
+            raise PayloadError(
+                f"refusing to run a job as {identity.user!r}: the user is in group {group!r}, "
+                "which is close to root (jobs.privileged_groups); set "
+                "jobs.allow_privileged_groups = true to allow it"
+            )
 
 
 def usable_by(
@@ -271,7 +404,13 @@ def usable_by(
 
 
 def check_cwd(raw: Any, default: Path, identity: Identity) -> Path:
-    """The working directory: absolute, existing, a directory the job's user can enter."""
+    """The working directory, resolved: absolute, existing, a directory whose real path
+    (symlinks resolved, ``/proc/self/cwd`` and the like included) the job's user can enter.
+
+    Returns the resolved path, which is what the job's supervisor enters, and only after it
+    dropped privileges to the job's user: a symlink swapped after this check still gives the
+    job nothing its user lacks. Reasons name the recorded and the resolved path.
+    """
     if raw is None:
         cwd = default
     elif not isinstance(raw, str) or not raw:
@@ -280,14 +419,19 @@ def check_cwd(raw: Any, default: Path, identity: Identity) -> Path:
         cwd = Path(raw)
     if "\x00" in str(cwd) or not cwd.is_absolute():
         raise PayloadError(f"payload.cwd: expected an absolute path, got {str(cwd)[:200]!r}")
-    if not cwd.exists():
-        raise PayloadError(f"working directory {cwd} does not exist on this host")
-    if not cwd.is_dir():
-        raise PayloadError(f"working directory {cwd} is not a directory")
     try:
-        usable = usable_by(cwd, identity.uid, identity.groups)
+        real = Path(os.path.realpath(cwd, strict=True))
+    except FileNotFoundError:
+        raise PayloadError(f"working directory {cwd} does not exist on this host") from None
     except OSError as exc:
-        raise PayloadError(f"working directory {cwd}: {exc.strerror}") from None
+        raise PayloadError(f"working directory {cwd}: {exc.strerror or exc}") from None
+    shown = str(cwd) if real == cwd else f"{cwd} (resolves to {real})"
+    if not real.is_dir():
+        raise PayloadError(f"working directory {shown} is not a directory")
+    try:
+        usable = usable_by(real, identity.uid, identity.groups)
+    except OSError as exc:
+        raise PayloadError(f"working directory {shown}: {exc.strerror}") from None
     if not usable:
-        raise PayloadError(f"working directory {cwd} is not accessible to user {identity.user}")
-    return cwd
+        raise PayloadError(f"working directory {shown} is not accessible to user {identity.user}")
+    return real

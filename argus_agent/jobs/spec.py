@@ -1,23 +1,23 @@
 """Turn a ``rerun`` command into a validated launch spec, applying the launch policy.
 
-The command line is what the Argus UI previews: the recorded command followed by one
-``key=value`` word per override, in the form's order, each word shell-quoted. It runs through
-the configured shell (default ``/bin/sh -c``). Every refusal raises PayloadError whose message
-is the reason acked to the server. Starts no process.
+The job runs the recorded command through the configured shell (default ``/bin/sh -c``);
+overrides reach it as positional parameters (``CMD "$@"``, see ``cmdline``), so no override
+value ever meets a shell parser. It runs as the batch's recorded owner (see
+``policy.resolve_identity``), in the resolved working directory, with the recorded
+environment under the run-as user's own login identity. Every refusal raises PayloadError
+whose message is the reason acked to the server. Starts no process.
 """
 
 from __future__ import annotations
 
 import os
-import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from argus_agent.config import Settings
-from argus_agent.jobs import policy
-from argus_agent.jobs.policy import Identity, UserDb
+from argus_agent.jobs import cmdline, policy
+from argus_agent.jobs.policy import BatchOwner, Identity, UserDb
 from argus_agent.protocol import Command
 
 #: Variables of the agent's own environment that never reach a job.
@@ -46,6 +46,10 @@ class LaunchSpec:
     env: Mapping[str, str]
     identity: Identity
     dropped_env: tuple[str, ...] = field(default=())
+    #: The working directory as recorded (``cwd`` is its resolved real path).
+    recorded_cwd: str | None = None
+    #: The batch's recorded owner (None when ``jobs.run_as`` decided the user).
+    owner: BatchOwner | None = None
 
 
 @dataclass(frozen=True)
@@ -56,24 +60,11 @@ class HostFacts:
     now: float
     running_jobs: int
     home: Path
-    owner: str | None = None  # the Argus user who registered this agent
-
-
-def render_override(key: str, value: Any) -> str:
-    """One ``key=value`` word (unquoted), Hydra style: ``true``/``false``, ``null``."""
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif value is None:
-        text = "null"
-    else:
-        text = str(value)
-    return f"{key}={text}"
-
-
-def build_command_line(command: str, overrides: Mapping[str, Any] | None) -> str:
-    """``command`` plus each override as a shell-quoted ``key=value`` word, in the given order."""
-    words = [shlex.quote(render_override(k, v)) for k, v in (overrides or {}).items()]
-    return " ".join([command, *words])
+    #: The Argus account that registered this agent (per-user agents serve only it).
+    agent_account: str | None = None
+    #: The OS user Argus recorded for the batch, as read from the server (None: unknown;
+    #: the env snapshot's ``USER`` is used then).
+    batch_owner: BatchOwner | None = None
 
 
 def job_base_env(environ: Mapping[str, str], *, keep_argus_token: bool) -> dict[str, str]:
@@ -103,44 +94,53 @@ def build_launch_spec(
     """
     jobs = settings.jobs
     payload = command.payload
-    policy.check_age(command.created_at, facts.now, jobs.max_command_age_s)
+    policy.check_age(command.created_at, facts.now, jobs.max_command_age_s, jobs.max_clock_skew_s)
     raw_command = policy.check_command(payload.get("command"))
     overrides = policy.check_overrides(payload.get("overrides"))
     env_payload, dropped = policy.check_env(payload.get("env"), jobs.env_deny)
     policy.check_host(payload.get("host"), settings.agent.hostname, settings.agent.host_aliases)
+    argv, command_line = cmdline.build_argv(jobs.shell, raw_command, overrides)
     requested_by = payload.get("requested_by")
+    owner = facts.batch_owner or policy.owner_from_env(payload.get("env"))
     identity = policy.resolve_identity(
         requested_by,
+        owner,
         agent_uid=facts.agent_uid,
         users=jobs.users,
         run_as=jobs.run_as,
         allow_root=jobs.allow_root,
         userdb=userdb or UserDb(),
-        owner=facts.owner,
+        agent_account=facts.agent_account,
         allowed_requesters=jobs.allowed_requesters,
+        privileged_groups=jobs.privileged_groups,
+        allow_privileged_groups=jobs.allow_privileged_groups,
     )
     default_cwd = jobs.default_cwd or (Path(identity.home) if facts.agent_uid == 0 else facts.home)
-    cwd = policy.check_cwd(payload.get("cwd"), default_cwd, identity)
+    recorded_cwd = payload.get("cwd")
+    cwd = policy.check_cwd(recorded_cwd, default_cwd, identity)
     policy.check_capacity(facts.running_jobs, jobs.max_jobs)
     source = payload.get("source_batch_id")
     env = dict(base_env)
-    env.update(identity.login_env())
     env.update(env_payload)
+    # The login identity is the run-as user's own, whatever the recording says (PATH, CUDA
+    # and conda variables do come from the recording: they make the rerun reproducible).
+    env.update(identity.login_env())
     env["ARGUS_BATCH_ID"] = command.batch_id
     env["ARGUS_SOURCE_BATCH_ID"] = source if isinstance(source, str) else ""
     env["ARGUS_URL"] = settings.server.url
-    command_line = build_command_line(raw_command, overrides)
     return LaunchSpec(
         batch_id=command.batch_id,
         cmd_id=command.id,
         source_batch_id=source if isinstance(source, str) else None,
         requested_by=requested_by if isinstance(requested_by, str) else None,
         command_line=command_line,
-        argv=(*jobs.shell, command_line),
+        argv=argv,
         cwd=cwd,
         env=env,
         identity=identity,
         dropped_env=tuple(dropped),
+        recorded_cwd=recorded_cwd if isinstance(recorded_cwd, str) else None,
+        owner=owner if jobs.run_as is None or facts.agent_uid != 0 else None,
     )
 
 

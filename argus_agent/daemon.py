@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import time
 from dataclasses import asdict
@@ -27,6 +28,7 @@ from argus_agent.credentials import AgentCredentials, load_credentials
 from argus_agent.dispatcher import Dispatcher
 from argus_agent.errors import StateError
 from argus_agent.fsutil import ensure_private_dir
+from argus_agent.jobs import reaper
 from argus_agent.jobs.store import JobStore
 from argus_agent.jobs.supervisor import JobManager
 from argus_agent.ledger import CommandLedger
@@ -111,13 +113,16 @@ class Agent:
         )
         self.jobs.on_ended = self.telemetry.job_ended
         await self.telemetry.start()
+        reporter_token = events_token(settings)
         self.sender = EventSender(
             self.outbox,
             client,
-            events_token(settings),
+            reporter_token,
             Backoff(settings.agent.backoff_initial_s, settings.agent.backoff_max_s),
             batch_size=settings.telemetry.send_batch_size,
         )
+        # Jobs whose shim dies are re-parented to the agent, which then learns their status.
+        subreaper = reaper.set_subreaper(True)
         adopted, ended_meanwhile = self.jobs.adopt_existing()
         self.jobs.prune(settings.jobs.retention_days * 86400)
         self.state = AgentState(
@@ -134,7 +139,10 @@ class Agent:
             self.jobs,
             settings,
             AuditLog(state_dir / "audit.log"),
-            owner=creds.owner,
+            agent_account=creds.owner,
+            owner_lookup=(
+                functools.partial(client.batch_user, reporter_token) if reporter_token else None
+            ),
             on_launch_failed=self.telemetry.launch_failed,
         )
         channel = PollChannel(
@@ -178,6 +186,8 @@ class Agent:
             self.notifier.stopping()
             shutdown.set()
             await self.jobs.shutdown()
+            if subreaper:
+                reaper.set_subreaper(False)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(
                     asyncio.gather(*background, return_exceptions=True), SHUTDOWN_TIMEOUT_S
@@ -200,6 +210,8 @@ class Agent:
                 self.notifier.status(_one_line_status(self.state, self.jobs))
             if watchdog_interval_s() is not None:
                 self.notifier.watchdog()
+            if self.jobs is not None:
+                self.jobs.reap_orphans()
             if time.monotonic() >= next_prune and self.jobs and self.ledger:
                 next_prune = time.monotonic() + PRUNE_EVERY_S
                 self.jobs.prune(self.settings.jobs.retention_days * 86400)
@@ -251,25 +263,21 @@ def _one_line_status(state: AgentState, jobs: JobManager | None) -> str:
 def events_token(settings: Settings) -> str | None:
     """The reporter token for events: ARGUS_TOKEN or ``server.token`` (both land in
     ``server.token``), else the first line of ``server.token_file``; None when none is set or
-    the file cannot be read (logged)."""
+    the file cannot be read or holds no reporter token (logged: only telemetry needs it).
+    Raises InsecureTokenFileError (fatal at start-up, exit 4) when group or others may read
+    ``server.token_file``."""
+    from argus_agent.credentials import read_user_token
+    from argus_agent.errors import InsecureTokenFileError
+
     if settings.server.token:
         return settings.server.token
     path = settings.server.token_file
     if path is None:
         return None
     try:
-        token = path.read_text().strip()
-    except OSError as exc:
-        log.error(
-            "cannot read server.token_file; events will not be sent",
-            path=str(path),
-            error=exc.strerror,
-        )
+        return read_user_token(path)
+    except InsecureTokenFileError:
+        raise
+    except StateError as exc:
+        log.error("server.token_file unusable; events will not be sent", error=str(exc))
         return None
-    if not token.startswith("em_live_"):
-        log.error(
-            "server.token_file does not hold an em_live_ token; events will not be sent",
-            path=str(path),
-        )
-        return None
-    return token

@@ -13,7 +13,7 @@ from pathlib import Path
 from argus_agent.audit import AuditLog
 from argus_agent.dispatcher import Dispatcher
 from argus_agent.jobs.store import JobRecord, JobStore
-from tests.support import ArgusUser, RunningAgent, alive, eventually, register
+from tests.support import ArgusUser, RunningAgent, alive, eventually, register, server_events
 
 PY = shlex.quote(sys.executable)
 
@@ -69,26 +69,94 @@ async def test_a_log_the_disk_refuses_does_not_kill_the_job_or_lose_its_exit(
     assert "writing the log failed" in (ended.log_error or "")
 
 
-async def test_a_killed_shim_leaves_the_job_watched_and_stoppable(
+TICKER = "i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.05; done"
+
+
+async def test_a_killed_shim_never_kills_its_job(
+    argus: ArgusUser, make_settings, user_token: str, server
+) -> None:
+    """SIGKILL the job's supervisor: the job keeps running and printing, its output keeps
+    reaching its log and Argus, a stop still ends it, and its real exit status is reported."""
+    settings = make_settings(
+        server={"token": user_token},
+        jobs={"stop_grace_s": 1.0},
+        telemetry={"interval_s": 0.5, "log_poll_s": 0.1},
+    )
+    await register(settings, user_token)
+    async with RunningAgent(settings) as running:
+        batch = argus.rerun(argus.record_batch(TICKER))
+        await eventually(lambda: argus.acked(batch, "rerun"), what="ack")
+        record = running.agent.jobs.get(batch)
+        log_path = Path(record.log_path)
+        await eventually(lambda: log_path.read_text().count("\n") > 3, what="first ticks")
+        os.kill(record.shim_pid, signal.SIGKILL)
+        await eventually(lambda: not alive(record.shim_pid), what="shim gone")
+        lines_at_kill = log_path.read_text().count("\n")
+        # Printing into a pipe whose only reader died would kill the job (SIGPIPE).
+        await eventually(
+            lambda: log_path.read_text().count("\n") > lines_at_kill + 10,
+            what="ticks written after the supervisor died",
+        )
+        assert alive(record.pid), "the job must survive its supervisor"
+        assert running.agent.jobs.get(batch).running
+        late = log_path.read_text().splitlines()[-1]
+        await eventually(
+            lambda: (
+                late in [e["data"]["line"] for e in server_events(server.url, batch, "log_line")]
+            ),
+            what="a line written after the supervisor died to reach Argus",
+        )
+        argus.stop(batch)
+        cmd = await eventually(lambda: argus.acked(batch, "stop"), what="stop ack")
+        assert cmd["status"] == "started" and cmd["pid"] == record.pid
+        await eventually(lambda: not alive(record.pid), timeout=5, what="job stopped")
+        ended = await running.agent.jobs.wait_ended(batch, timeout=10)
+        # The agent is the job's subreaper: it learns the real status.
+        assert ended.exit_signal == signal.SIGTERM
+        assert ended.describe_exit() == (
+            "killed by signal 15 (SIGTERM), stopped on request of alice"
+        )
+        lines = log_path.read_text().splitlines()
+        assert lines == [f"tick {i}" for i in range(len(lines))], "no line lost or torn"
+        failed = await eventually(
+            lambda: server_events(server.url, batch, "batch_failed"), what="batch_failed"
+        )
+        assert "killed by signal 15" in failed[0]["data"]["error"]
+
+
+async def test_a_job_that_ends_after_its_shim_was_killed_reports_its_exit_code(
     argus: ArgusUser, make_settings, user_token: str
 ) -> None:
-    settings = make_settings(jobs={"stop_grace_s": 1.0})
+    settings = make_settings()
+    await register(settings, user_token)
+    async with RunningAgent(settings) as running:
+        batch = argus.rerun(argus.record_batch("sleep 1; echo done; exit 3"))
+        await eventually(lambda: argus.acked(batch, "rerun"), what="ack")
+        record = running.agent.jobs.get(batch)
+        os.kill(record.shim_pid, signal.SIGKILL)
+        ended = await running.agent.jobs.wait_ended(batch, timeout=10)
+        assert ended.exit_code == 3 and ended.describe_exit() == "exit code 3"
+        assert Path(ended.log_path).read_text() == "done\n"
+
+
+async def test_after_an_agent_restart_a_killed_shims_job_is_reported_without_a_made_up_status(
+    argus: ArgusUser, make_settings, user_token: str
+) -> None:
+    """With the agent gone too, nobody can learn the job's status: say so."""
+    settings = make_settings()
     await register(settings, user_token)
     async with RunningAgent(settings) as running:
         batch = argus.rerun(argus.record_batch("exec sleep 300"))
         await eventually(lambda: argus.acked(batch, "rerun"), what="ack")
         record = running.agent.jobs.get(batch)
-        os.kill(record.shim_pid, signal.SIGKILL)
-        await eventually(lambda: not alive(record.shim_pid), what="shim gone")
-        time.sleep(0.3)
-        assert running.agent.jobs.get(batch).running, "the job still runs, so it is running"
-        assert alive(record.pid)
-        argus.stop(batch)
-        cmd = await eventually(lambda: argus.acked(batch, "stop"), what="stop ack")
-        assert cmd["status"] == "started" and cmd["pid"] == record.pid
-        await eventually(lambda: not alive(record.pid), timeout=5, what="job stopped")
-        ended = await running.agent.jobs.wait_ended(batch, timeout=5)
-        assert "supervisor" in ended.describe_exit()
+    os.kill(record.shim_pid, signal.SIGKILL)
+    await eventually(lambda: not alive(record.shim_pid), what="shim gone")
+    os.kill(record.pid, signal.SIGKILL)
+    await eventually(lambda: not alive(record.pid), what="job gone")
+    async with RunningAgent(settings) as running:
+        ended = running.agent.jobs.get(batch)
+        assert ended.state == "ended"
+        assert "exit status unknown" in ended.describe_exit()
 
 
 async def test_a_launch_interrupted_by_a_crash_is_acked_failed_not_started(

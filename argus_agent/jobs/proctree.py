@@ -1,32 +1,54 @@
-"""Find a job's whole process tree and signal it; identify processes safely.
+"""Find a job's processes and signal them, only ever the processes meant.
 
 A process is identified by its pid **and** its start time in clock ticks since boot
-(``/proc/<pid>/stat`` field 22), so a recycled pid is never taken for a job.
+(``/proc/<pid>/stat`` field 22), so a recycled pid is never taken for a job, and every
+signal goes through a pidfd opened before the start time is checked (``shim.signal_process``),
+so a pid recycled between finding and signalling is never hit either.
 
 Normally a job's shim stops the job (it is a child subreaper, so even double-forked
 descendants stay below it). The functions here are the agent's own fallback for a job whose
-shim vanished: the tree is then every live process that descends from the job's root, or
-shares its process group or session.
+shim is gone (killed by the OOM killer or an operator, or by the job itself). The job's
+processes are then:
+
+- the job's root and its descendants (the root only while it is the recorded process);
+- members of the job's process group or session, but only while that id can still be the
+  job's: a group or session id stays allocated while any member lives, so members found
+  under it belong to the job unless a *different* process now leads a group of that id
+  (the id was freed and reused, and its members are strangers);
+- processes carrying the job's ``ARGUS_BATCH_ID`` in their environment (inherited by
+  everything the job starts, including daemons that left its session and tree), and their
+  descendants.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import time
+from dataclasses import dataclass, field
 
-from argus_agent.jobs.shim import boot_id, descendants, start_ticks, stat_fields
+from argus_agent.jobs.shim import (
+    boot_id,
+    descendants,
+    proc_table,
+    signal_process,
+    start_ticks,
+    stat_fields,
+)
 
 __all__ = [
+    "StopResult",
     "boot_id",
     "descendants",
     "is_same_process",
-    "job_tree",
+    "job_processes",
     "start_ticks",
-    "terminate_tree",
+    "terminate_processes",
 ]
+
+#: How long the fallback stop keeps sending SIGKILL to processes that will not die.
+UNKILLABLE_WAIT_S = 10.0
 
 
 def _state(pid: int) -> str | None:
@@ -41,64 +63,121 @@ def is_same_process(pid: int | None, ticks: int | None) -> bool:
     return start_ticks(pid) == ticks and _state(pid) not in (None, "Z", "X")
 
 
-def job_tree(root_pid: int | None, group: int) -> set[int]:
-    """Pids of the live processes of a job: descendants of ``root_pid`` (None when the root
-    is gone) and members of process group or session ``group``. Excludes this process."""
+def _group_ids(pid: int) -> tuple[int, int] | None:
+    """(process group, session) of ``pid`` from /proc/<pid>/stat, or None."""
+    fields = stat_fields(pid)
+    return (int(fields[2]), int(fields[3])) if fields else None
+
+
+def _has_marker(pid: int, marker: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            environ = handle.read()
+    except OSError:
+        return False
+    return environ.startswith(marker[1:]) or marker in environ
+
+
+def job_processes(
+    root_pid: int | None, root_ticks: int | None, group: int | None, batch_id: str | None
+) -> dict[int, int]:
+    """The live processes of a job whose shim is gone → their start ticks (see the module
+    doc for which). Blocking: one pass over /proc (plus one environ read per process when
+    ``batch_id`` is given). Never includes this process."""
     me = os.getpid()
-    members: set[int] = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
+    table = proc_table()
+    root_alive = root_pid is not None and is_same_process(root_pid, root_ticks)
+    # A group/session id is the job's unless another process now leads one of that id.
+    group_is_ours = group is not None and (
+        group not in table or (group == root_pid and table[group][2] == root_ticks)
+    )
+    marker = f"\0ARGUS_BATCH_ID={batch_id}\0".encode() if batch_id else None
+    seeds: set[int] = set()
+    if root_alive and root_pid is not None:
+        seeds.add(root_pid)
+    for pid, (_ppid, state, _ticks) in table.items():
+        if pid == me or state in ("Z", "X"):
             continue
-        pid = int(name)
-        try:
-            if os.getpgid(pid) == group or os.getsid(pid) == group:
-                members.add(pid)
-        except OSError:
-            continue
-    if root_pid is not None:
-        members.add(root_pid)
-    for pid in list(members):
-        members |= descendants(pid)
-    return {p for p in members if p != me and _state(p) not in (None, "Z", "X")}
+        if group_is_ours:
+            ids = _group_ids(pid)
+            if ids is not None and group in ids:
+                seeds.add(pid)
+                continue
+        if marker is not None and _has_marker(pid, marker):
+            seeds.add(pid)
+    found: dict[int, int] = {}
+    for pid in seeds:
+        if pid in table:
+            found[pid] = table[pid][2]
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _state, _ticks) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    stack = list(found)
+    while stack:
+        for child in children.get(stack.pop(), ()):
+            if child not in found and table[child][1] not in ("Z", "X"):
+                found[child] = table[child][2]
+                stack.append(child)
+    found.pop(me, None)
+    return found
 
 
-def signal_tree(pids: set[int], group: int, sig: int) -> None:
-    """Send ``sig`` to the process group and to each pid; vanished processes are ignored."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(group, sig)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
+def signal_all(processes: dict[int, int], sig: int) -> int:
+    """Send ``sig`` to each (pid, start ticks), verified; returns how many were signalled."""
+    return sum(signal_process(pid, ticks, sig) for pid, ticks in processes.items())
 
 
-async def terminate_tree(
-    root_pid: int, root_ticks: int | None, group: int, grace_s: float, *, poll_s: float = 0.1
-) -> tuple[int, int]:
-    """SIGTERM the tree, wait up to ``grace_s`` for it to empty, then SIGKILL what is left,
-    again until nothing is left. Blocks its coroutine up to ``grace_s`` plus a few seconds.
-    Returns (processes signalled, processes SIGKILLed)."""
+@dataclass
+class StopResult:
+    """What a fallback stop did."""
 
-    def collect() -> set[int]:
-        root = root_pid if is_same_process(root_pid, root_ticks) else None
-        return job_tree(root, group)
+    signalled: int = 0
+    killed: int = 0
+    #: Processes still alive after SIGKILL for ``UNKILLABLE_WAIT_S`` (they would not die).
+    survivors: list[int] = field(default_factory=list)
 
-    pids = await asyncio.to_thread(collect)
-    signalled = len(pids)
-    if not pids:
-        return 0, 0
-    signal_tree(pids, group, signal.SIGTERM)
+
+async def terminate_processes(
+    root_pid: int | None,
+    root_ticks: int | None,
+    group: int | None,
+    batch_id: str | None,
+    grace_s: float,
+    *,
+    poll_s: float = 0.1,
+    unkillable_wait_s: float = UNKILLABLE_WAIT_S,
+) -> StopResult:
+    """SIGTERM the job's processes, wait up to ``grace_s`` for them to go, then SIGKILL
+    what is left until nothing is left or ``unkillable_wait_s`` passed. Blocks its coroutine
+    up to ``grace_s + unkillable_wait_s``; the /proc passes run in a thread."""
+
+    def collect() -> dict[int, int]:
+        return job_processes(root_pid, root_ticks, group, batch_id)
+
+    result = StopResult()
+    found = await asyncio.to_thread(collect)
+    if not found:
+        return result
+    result.signalled = signal_all(found, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
-        pids = await asyncio.to_thread(collect)
-        if not pids:
-            return signalled, 0
+        found = await asyncio.to_thread(collect)
+        if not found:
+            return result
+        signal_all(found, signal.SIGTERM)  # late arrivals get the same warning
         await asyncio.sleep(poll_s)
-    killed = 0
-    for _ in range(50):
-        pids = await asyncio.to_thread(collect)
-        if not pids:
+    give_up = time.monotonic() + unkillable_wait_s
+    killed: set[int] = set()
+    while time.monotonic() < give_up:
+        found = await asyncio.to_thread(collect)
+        if not found:
             break
-        killed += len(pids)
-        signal_tree(pids, group, signal.SIGKILL)
+        killed.update(
+            pid for pid, ticks in found.items() if signal_process(pid, ticks, signal.SIGKILL)
+        )
         await asyncio.sleep(poll_s)
-    return signalled, killed
+    result.killed = len(killed)
+    if not found:
+        return result
+    result.survivors = sorted(await asyncio.to_thread(collect))
+    return result

@@ -11,12 +11,23 @@ Protocol with the agent:
   ``{"ok": false, "error": "..."}``; then stdout is pointed at /dev/null, so a dead agent
   can never block or SIGPIPE the shim.
 - SIGTERM: stop the job: SIGTERM to the whole tree, SIGKILL to what is left after the grace
-  period (read from ``stop.json`` in the job dir when present, else the spec's).
+  period (``stop_grace_s`` from ``stop.json`` in the job dir when present, else the spec's).
+  Processes that survive SIGKILL for ``UNKILLABLE_WAIT_S`` more (uninterruptible sleep on
+  NFS or a GPU driver, a frozen cgroup, a setuid program the shim may not signal) do not
+  keep the stop from ending: the job is recorded as ended with their pids in the reason.
+
+The job is started as its user (uid, gid, groups dropped first) and only then enters its
+working directory, so a path the user cannot enter fails the launch whatever happened to
+it after the agent's check.
 
 Files it writes in the job dir (atomically: temp file, fsync, rename):
 
-- ``started.json``: job pid, process group, start ticks of the job and of the shim;
-- ``exit.json``: exit code or signal, end time, whether a stop was requested, log size;
+- ``started.json``: job pid, process group, start ticks of the job and of the shim, and the
+  shim's fds and inodes of the job's output pipes (the agent opens its own read ends through
+  ``/proc/<shim>/fd/N``, so a killed shim never leaves the job writing into a pipe without
+  readers: the job keeps running and the agent carries its output on);
+- ``exit.json``: exit code or signal, end time, whether a stop was requested, log size; if it
+  cannot be written (disk full), the shim keeps the status and retries until it can;
 - ``output.log``: the job's stdout and stderr, capped at ``log_max_bytes`` with a marker.
 
 The shim is a child subreaper (``PR_SET_CHILD_SUBREAPER``): descendants that leave the
@@ -39,6 +50,13 @@ from typing import Any
 
 PR_SET_CHILD_SUBREAPER = 36
 TICK_S = 0.2
+#: After SIGKILL, how long processes that will not die may keep a stop from ending (the
+#: spec's ``unkillable_wait_s``, from ``jobs.unkillable_wait_s``, when given).
+UNKILLABLE_WAIT_S = 10.0
+#: How often an exit status that could not be written (disk full) is written again.
+EXIT_RETRY_S = 2.0
+#: The key of ``stop.json`` that carries the grace period (written by ``jobs.store``).
+STOP_GRACE_KEY = "stop_grace_s"
 READ_CHUNK = 1 << 16
 MAX_LINE = 1 << 16
 PROGRESS_FLUSH_S = 1.0
@@ -73,8 +91,8 @@ def boot_id() -> str | None:
         return None
 
 
-def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid → (ppid, state) for every process (one pass over /proc)."""
+def proc_table() -> dict[int, tuple[int, str, int]]:
+    """pid → (ppid, state, start ticks) for every process (one pass over /proc)."""
     table = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -85,15 +103,15 @@ def _proc_table() -> dict[int, tuple[int, str]]:
         except OSError:
             continue
         fields = data[data.rindex(b")") + 2 :].split()
-        table[int(name)] = (int(fields[1]), fields[0].decode())
+        table[int(name)] = (int(fields[1]), fields[0].decode(), int(fields[19]))
     return table
 
 
-def descendants(root: int) -> set[int]:
-    """Live (non-zombie) descendants of ``root``, excluding ``root``."""
-    table = _proc_table()
+def descendants_with_ticks(root: int) -> dict[int, int]:
+    """Live (non-zombie) descendants of ``root`` (excluding it) → their start ticks."""
+    table = proc_table()
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _state) in table.items():
+    for pid, (ppid, _state, _ticks) in table.items():
         children.setdefault(ppid, []).append(pid)
     found: set[int] = set()
     stack = [root]
@@ -102,23 +120,67 @@ def descendants(root: int) -> set[int]:
             if child not in found:
                 found.add(child)
                 stack.append(child)
-    return {pid for pid in found if table.get(pid, (0, "Z"))[1] != "Z"}
+    return {pid: table[pid][2] for pid in found if table[pid][1] not in ("Z", "X")}
+
+
+def descendants(root: int) -> set[int]:
+    """Live (non-zombie) descendants of ``root``, excluding ``root``."""
+    return set(descendants_with_ticks(root))
+
+
+def signal_process(pid: int, ticks: int | None, sig: int) -> bool:
+    """Send ``sig`` to ``pid`` only if it is still the process that started at ``ticks``.
+
+    A pidfd pins the process first and its start time is checked after, so a pid that was
+    recycled between finding it and signalling it is never hit. Returns whether the signal
+    was sent (False: gone, recycled, or not permitted)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        return False
+    try:
+        if ticks is not None and start_ticks(pid) != ticks:
+            return False
+        signal.pidfd_send_signal(fd, sig)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte of ``data`` (``os.write`` may write less). Raises OSError."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _atomic_json(path: str, value: Any) -> None:
+    """Replace ``path`` with ``value`` as JSON, whole or not at all (temp file written in
+    full and fsynced, renamed, directory fsynced; the temp file is removed on failure)."""
     tmp = f"{path}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, json.dumps(value, sort_keys=True).encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            write_all(fd, json.dumps(value, sort_keys=True).encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class CwdError(OSError):
+    """The job's user could not enter the working directory; the launch failed."""
 
 
 class _Spec:
@@ -137,6 +199,7 @@ class _Spec:
         self.stop_grace_s: float = float(raw["stop_grace_s"])
         self.kill_leftovers: bool = bool(raw.get("kill_leftovers", True))
         self.leftover_grace_s: float = float(raw.get("leftover_grace_s", 5.0))
+        self.unkillable_wait_s: float = float(raw.get("unkillable_wait_s", UNKILLABLE_WAIT_S))
 
 
 class JobOutput:
@@ -244,6 +307,8 @@ class Shim:
         self.stop_requested_at: float | None = None
         self.kill_deadline: float | None = None
         self.killed_after_grace = False
+        #: Processes still alive when a stop gave up on them (they would not die).
+        self.unkillable: list[int] = []
         self.output: JobOutput | None = None
         self.readers: dict[int, bytes] = {}  # open pipe fd -> stream tag
 
@@ -262,13 +327,23 @@ class Shim:
             self.output.chown(spec.uid, spec.gid)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        # The job's user enters the working directory, after uid, gid and groups were
+        # dropped (subprocess runs preexec_fn after setreuid), never root on its behalf.
+        cwd_err_r, cwd_err_w = os.pipe2(os.O_CLOEXEC)
+
+        def enter_cwd() -> None:
+            try:
+                os.chdir(spec.cwd)
+            except OSError as exc:
+                os.write(cwd_err_w, (exc.strerror or str(exc)).encode()[:500])
+                raise
+
         try:
             kwargs: dict[str, Any] = {}
             if spec.uid is not None and spec.uid != os.geteuid():
                 kwargs = {"user": spec.uid, "group": spec.gid, "extra_groups": spec.groups or []}
             self.child = subprocess.Popen(
                 spec.argv,
-                cwd=spec.cwd,
                 env=spec.env,
                 stdin=subprocess.DEVNULL,
                 stdout=out_w,
@@ -276,15 +351,26 @@ class Shim:
                 start_new_session=True,
                 close_fds=True,
                 umask=0o022,  # the agent may run with UMask=0077; jobs get the usual default
+                preexec_fn=enter_cwd,
                 **kwargs,
             )
-        except BaseException:
+        except BaseException as exc:
             os.close(out_r)
             os.close(err_r)
+            os.close(cwd_err_w)
+            reason = os.read(cwd_err_r, 600).decode(errors="replace")
+            os.close(cwd_err_r)
+            if reason and isinstance(exc, subprocess.SubprocessError):
+                user = f"uid {spec.uid}" if spec.uid is not None else "the job's user"
+                raise CwdError(
+                    f"cannot enter working directory {spec.cwd} as {user}: {reason}"
+                ) from None
             raise
         finally:
             os.close(out_w)
             os.close(err_w)
+        os.close(cwd_err_w)
+        os.close(cwd_err_r)
         self.readers = {out_r: b"o", err_r: b"e"}
         for fd in self.readers:
             os.set_blocking(fd, False)
@@ -311,6 +397,13 @@ class Shim:
             "shim_start_ticks": start_ticks(os.getpid()),
             "boot_id": boot_id(),
             "started_at": time.time(),
+            # The agent opens its own read ends of the job's output pipes through
+            # /proc/<shim_pid>/fd/<fd> (checking the inode), so the job never loses its
+            # last reader when this shim is killed.
+            "output_pipes": {
+                tag.decode(): {"fd": fd, "inode": os.fstat(fd).st_ino}
+                for fd, tag in self.readers.items()
+            },
         }
         _atomic_json(os.path.join(spec.job_dir, "started.json"), started)
         return {"ok": True, **started}
@@ -318,7 +411,8 @@ class Shim:
     # -- run ---------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Pump output, reap children, handle stops, until the job and its tree ended."""
+        """Pump output, reap children, handle stops, until the job and its tree ended (or a
+        stop gave up on processes that would not die)."""
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w)
@@ -336,7 +430,7 @@ class Shim:
             self._escalate()
             if self.output is not None:
                 self.output.flush_progress(PROGRESS_FLUSH_S)
-            if self.exit_status is not None:
+            if self.exit_status is not None or self._gave_up():
                 break
         try:
             self._finish_leftovers()
@@ -352,7 +446,7 @@ class Shim:
         grace = self.spec.stop_grace_s
         try:
             with open(os.path.join(self.spec.job_dir, "stop.json")) as handle:
-                grace = float(json.load(handle).get("grace_s", grace))
+                grace = float(json.load(handle).get(STOP_GRACE_KEY, grace))
         except (OSError, ValueError, TypeError, AttributeError):
             pass
         self.kill_deadline = time.monotonic() + grace
@@ -360,20 +454,32 @@ class Shim:
             self._signal_tree(signal.SIGTERM)
 
     def _signal_tree(self, sig: int) -> int:
-        pids = descendants(os.getpid())
+        """Signal the job's group (while its leader is unreaped, the group id cannot have been
+        reused) and every live descendant, each checked by start time. Returns how many
+        descendants were found."""
+        found = descendants_with_ticks(os.getpid())
         if self.child is not None and self.exit_status is None:
-            # Once reaped, the job's pid (and group id) may be reused: only its descendants.
             with contextlib.suppress(OSError):
                 os.killpg(self.child.pid, sig)
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                os.kill(pid, sig)
-        return len(pids)
+        for pid, ticks in found.items():
+            signal_process(pid, ticks, sig)
+        return len(found)
 
     def _escalate(self) -> None:
         due = self.kill_deadline is not None and time.monotonic() >= self.kill_deadline
         if due and self._signal_tree(signal.SIGKILL):
             self.killed_after_grace = True
+
+    def _gave_up(self) -> bool:
+        """Whether SIGKILL was sent ``UNKILLABLE_WAIT_S`` ago and processes still live: a
+        stop ends then, naming them, rather than waiting forever."""
+        if self.kill_deadline is None:
+            return False
+        if time.monotonic() < self.kill_deadline + self.spec.unkillable_wait_s:
+            return False
+        survivors = set(descendants(os.getpid()))
+        self.unkillable = sorted(survivors)
+        return True
 
     def _reap(self) -> None:
         """Collect every exited child (the job, and orphans re-parented to us)."""
@@ -390,18 +496,24 @@ class Shim:
 
     def _finish_leftovers(self) -> None:
         """After the job's main process ended: stop what it left behind (unless configured
-        not to), so nothing of the job outlives it."""
-        if not self.spec.kill_leftovers:
+        not to), so nothing of the job outlives it. Bounded: what survives SIGKILL for
+        ``UNKILLABLE_WAIT_S`` is named in ``exit.json`` and left."""
+        if not self.spec.kill_leftovers or self.unkillable:
             return
         deadline = self.kill_deadline or time.monotonic() + self.spec.leftover_grace_s
+        give_up = max(deadline, time.monotonic()) + self.spec.unkillable_wait_s
         sig = signal.SIGTERM
         while descendants(os.getpid()):
+            now = time.monotonic()
+            if now >= give_up:
+                self.unkillable = sorted(descendants(os.getpid()))
+                break
             self._signal_tree(sig)
             if sig == signal.SIGKILL:
                 self.killed_after_grace = True
             self._drain(deadline=time.monotonic() + TICK_S)
             self._reap()
-            if time.monotonic() >= deadline:
+            if now >= deadline:
                 sig = signal.SIGKILL
         self._reap()
 
@@ -434,8 +546,10 @@ class Shim:
     # -- end ---------------------------------------------------------------------------
 
     def _write_exit(self) -> None:
-        """Close the log (writing pending partial lines), then record how the job ended."""
-        status = self.exit_status if self.exit_status is not None else 0
+        """Close the log (writing pending partial lines), then record how the job ended.
+        The status is never lost to a full disk: the shim keeps it and retries until
+        ``exit.json`` is written (the agent reports the job once it is)."""
+        status = self.exit_status
         log_bytes, truncated = 0, False
         log_error = None
         if self.output is not None:
@@ -443,19 +557,40 @@ class Shim:
                 self.output.close()
             log_bytes, truncated = self.output.bytes, self.output.truncated
             log_error = self.output.error
-        _atomic_json(
-            os.path.join(self.spec.job_dir, "exit.json"),
-            {
-                "exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
-                "exit_signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
-                "ended_at": time.time(),
-                "stop_requested_at": self.stop_requested_at,
-                "killed_after_grace": self.killed_after_grace,
-                "log_bytes": log_bytes,
-                "log_truncated": truncated,
-                "log_error": log_error,
-            },
-        )
+        note = None
+        if self.unkillable:
+            note = (
+                f"stop incomplete: process(es) {', '.join(map(str, self.unkillable))} would not "
+                f"die {self.spec.unkillable_wait_s:g} s after SIGKILL (uninterruptible sleep, "
+                "e.g. on NFS or a GPU driver, or not permitted to signal them)"
+            )
+        exit_info = {
+            "exit_code": (
+                os.WEXITSTATUS(status) if status is not None and os.WIFEXITED(status) else None
+            ),
+            "exit_signal": (
+                os.WTERMSIG(status) if status is not None and os.WIFSIGNALED(status) else None
+            ),
+            "ended_at": time.time(),
+            "exit_note": note,
+            "stop_requested_at": self.stop_requested_at,
+            "killed_after_grace": self.killed_after_grace,
+            "log_bytes": log_bytes,
+            "log_truncated": truncated,
+            "log_error": log_error,
+        }
+        path = os.path.join(self.spec.job_dir, "exit.json")
+        while True:
+            try:
+                _atomic_json(path, exit_info)
+                return
+            except FileNotFoundError:
+                return  # the job dir is gone: nobody is left to read the status
+            except OSError as exc:
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stderr.write(f"writing {path} failed ({exc}); retrying\n")
+                    sys.stderr.flush()
+                time.sleep(EXIT_RETRY_S)
 
 
 def _ignore(_signum: int, _frame: Any) -> None:
@@ -491,6 +626,9 @@ def main() -> int:
     signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes the selector via the wakeup fd
     try:
         answer = shim.start()
+    except CwdError as exc:
+        _answer({"ok": False, "error": str(exc)})
+        return 1
     except (OSError, subprocess.SubprocessError) as exc:
         what = getattr(exc, "filename", None) or spec.argv[0]
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from argus_agent.fsutil import atomic_write_json, ensure_private_dir, read_json
+from argus_agent.jobs.shim import STOP_GRACE_KEY
 from argus_agent.logsetup import get_logger
 
 log = get_logger(__name__)
@@ -50,8 +51,10 @@ STARTED_FIELDS = (
     "shim_start_ticks",
     "boot_id",
     "started_at",
+    "output_pipes",
 )
-STOP_FIELDS = ("stop_requested_by", "stop_requested_at", "stop_grace_s")
+#: The shim reads the grace period from ``stop.json`` under ``STOP_GRACE_KEY``: one name.
+STOP_FIELDS = ("stop_requested_by", "stop_requested_at", STOP_GRACE_KEY)
 EXIT_FIELDS = (
     "exit_code",
     "exit_signal",
@@ -86,6 +89,8 @@ class JobRecord:
     shim_start_ticks: int | None = None
     boot_id: str | None = None
     started_at: float | None = None
+    #: The shim's fds and inodes of the job's stdout/stderr pipes (``{"o": {fd, inode}}``).
+    output_pipes: dict[str, Any] | None = None
     stop_requested_by: str | None = None
     stop_requested_at: float | None = None
     stop_grace_s: float | None = None
@@ -139,6 +144,8 @@ class JobRecord:
             text += f", stopped on request of {who}"
             if self.killed_after_grace:
                 text += " (SIGKILL after the grace period)"
+        if self.exit_note:  # e.g. a stop that gave up on processes that would not die
+            text += f"; {self.exit_note}"
         return text
 
 
@@ -168,6 +175,10 @@ class JobStore:
     def write_stop(self, record: JobRecord) -> None:
         """Record the stop request of ``record`` (``stop.json``)."""
         atomic_write_json(self.job_dir(record.batch_id) / "stop.json", _pick(record, STOP_FIELDS))
+
+    def write_exit(self, batch_id: str, info: dict[str, Any]) -> None:
+        """Write ``exit.json`` for a job whose shim is gone (the agent took it over)."""
+        atomic_write_json(self.job_dir(batch_id) / "exit.json", info)
 
     def write_lost_exit(self, batch_id: str, note: str) -> None:
         """Write ``exit.json`` for a job whose shim vanished without writing one."""

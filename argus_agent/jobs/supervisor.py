@@ -6,6 +6,13 @@ agent can stop, crash or be upgraded without the job noticing. On start-up the a
 re-adopts every job recorded in the state dir: a job whose shim is alive (same pid **and**
 start time) is watched again; a job that ended meanwhile is reported with the exit status its
 shim recorded.
+
+A killed shim never kills its job: the agent holds read ends of the job's output pipes
+(``takeover.OutputPipes``), and when a shim dies before recording an exit status while its
+job runs, the agent takes the job over: it carries the output into the log, stops the job
+itself on request (``proctree``), learns the exit status when the job was re-parented to it
+(the agent is a child subreaper, see ``reaper``), and reports the end ("exit status unknown:
+supervisor was killed" when the kernel gave the status to someone else).
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ from pathlib import Path
 
 from argus_agent.config import JobSettings
 from argus_agent.errors import JobError, LaunchError
-from argus_agent.jobs import proctree
+from argus_agent.jobs import proctree, reaper
+from argus_agent.jobs.shim import JobOutput
 from argus_agent.jobs.spec import LaunchSpec
 from argus_agent.jobs.store import JobRecord, JobStore
+from argus_agent.jobs.takeover import OutputCarrier, OutputPipes
 from argus_agent.logsetup import get_logger
 
 log = get_logger(__name__)
@@ -38,14 +47,21 @@ LAUNCH_TIMEOUT_S = 30.0
 #: How long shutdown waits for job ends still being reported (they are retried at next start).
 SHUTDOWN_REPORT_S = 10.0
 LOST = "the job's supervisor ended without recording an exit status"
+SHIM_KILLED = "exit status unknown: supervisor was killed"
+#: How long the agent keeps reading a taken-over job's pipes after the job ended.
+TAKEOVER_DRAIN_S = 1.0
+#: Grace between SIGTERM and SIGKILL for what a taken-over job left behind.
+LEFTOVER_GRACE_S = 5.0
 
 
 @dataclass
 class _Job:
     record: JobRecord
     watcher: asyncio.Task[None] | None = None
-    fallback_stop: asyncio.Task[tuple[int, int]] | None = None
+    fallback_stop: asyncio.Task[proctree.StopResult] | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The agent's own read ends of the job's output pipes (see ``takeover``).
+    pipes: OutputPipes | None = None
 
 
 class JobManager:
@@ -67,6 +83,8 @@ class JobManager:
         self.on_ended = on_ended
         self._jobs: dict[str, _Job] = {}
         self._reports: set[asyncio.Task[None]] = set()
+        #: Shims this process started: asyncio waits for them, ``reap_orphans`` must not.
+        self._shim_pids: set[int] = set()
 
     # -- queries -------------------------------------------------------------------------
 
@@ -112,6 +130,7 @@ class JobManager:
                 proctree.is_same_process(record.shim_pid, record.shim_start_ticks)
                 or proctree.is_same_process(record.pid, record.start_ticks)
             ):
+                job.pipes = OutputPipes.attach(record.shim_pid, record.pid, record.output_pipes)
                 job.watcher = asyncio.create_task(self._watch_adopted(job))
                 adopted.append(record)
                 log.info("job re-adopted", batch_id=record.batch_id, pid=record.pid)
@@ -172,7 +191,9 @@ class JobManager:
             raise
         record = self.store.load(spec.batch_id)
         job = _Job(record)
+        job.pipes = OutputPipes.attach(process.pid, record.pid, record.output_pipes)
         self._jobs[spec.batch_id] = job
+        self._shim_pids.add(process.pid)
         job.watcher = asyncio.create_task(self._watch_child(job, process))
         log.info(
             "job started",
@@ -199,6 +220,7 @@ class JobManager:
             "log_max_bytes": self.settings.log_max_bytes,
             "stop_grace_s": self.settings.stop_grace_s,
             "kill_leftovers": self.settings.kill_leftovers,
+            "unkillable_wait_s": self.settings.unkillable_wait_s,
         }
         shim_log = os.open(job_dir / "shim.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
@@ -263,11 +285,13 @@ class JobManager:
         elif job.fallback_stop is None and record.pid is not None:
             log.warning("job supervisor is gone; the agent stops the job itself", batch_id=batch_id)
             job.fallback_stop = asyncio.create_task(
-                proctree.terminate_tree(
+                proctree.terminate_processes(
                     record.pid,
                     record.start_ticks,
                     record.pgid or record.pid,
-                    self.settings.stop_grace_s,
+                    record.batch_id,
+                    record.stop_grace_s or self.settings.stop_grace_s,
+                    unkillable_wait_s=self.settings.unkillable_wait_s,
                 )
             )
         return record
@@ -292,6 +316,10 @@ class JobManager:
             log.info("pruned old jobs", count=len(old))
         return len(old)
 
+    def reap_orphans(self) -> None:
+        """Collect exited orphans of jobs re-parented to the agent (see ``reaper``)."""
+        reaper.reap_orphans(self._shim_pids)
+
     async def shutdown(self) -> None:
         """Stop watching; running jobs are left running under their shims."""
         if self._reports:
@@ -306,27 +334,119 @@ class JobManager:
 
     async def _watch_child(self, job: _Job, process: asyncio.subprocess.Process) -> None:
         await process.wait()
-        record = job.record
-        exit_file = self.store.job_dir(record.batch_id) / "exit.json"
-        if not exit_file.exists() and proctree.is_same_process(record.pid, record.start_ticks):
-            log.error(
-                "the job's supervisor died while the job runs; the agent watches the "
-                "job itself (stop still works, the exit status will be unknown)",
-                batch_id=record.batch_id,
-                shim_exit=process.returncode,
-            )
-            await self._watch_adopted(job)
-            return
-        self._ended(job)
+        self._shim_pids.discard(process.pid)
+        await self._after_shim(job)
 
     async def _watch_adopted(self, job: _Job) -> None:
         record = job.record
-        while proctree.is_same_process(record.shim_pid, record.shim_start_ticks) or (
-            not (self.store.job_dir(record.batch_id) / "exit.json").exists()
-            and proctree.is_same_process(record.pid, record.start_ticks)
-        ):
+        while proctree.is_same_process(record.shim_pid, record.shim_start_ticks):
             await asyncio.sleep(ADOPTED_POLL_S)
+        await self._after_shim(job)
+
+    async def _after_shim(self, job: _Job) -> None:
+        """The job's shim is gone: report the end it recorded, or take the job over."""
+        record = job.record
+        if (self.store.job_dir(record.batch_id) / "exit.json").exists():
+            self._ended(job)
+            return
+        status = reaper.reap(record.pid) if record.pid is not None else None
+        if status is None and proctree.is_same_process(record.pid, record.start_ticks):
+            await self._take_over(job)
+            return
+        self._write_exit(job, status, None)
         self._ended(job)
+
+    async def _take_over(self, job: _Job) -> None:
+        """Carry on a job whose shim was killed: its output, its stop, its end. Returns once
+        the job's main process ended and its end is recorded."""
+        record = job.record
+        log.error(
+            "the job's supervisor was killed while the job runs; the agent carries the job "
+            "on itself (output, stop and end)",
+            batch_id=record.batch_id,
+            pid=record.pid,
+        )
+        carrier = None
+        if job.pipes is not None:
+            output = JobOutput(
+                record.log_path,
+                str(self.store.job_dir(record.batch_id) / "output.streams"),
+                self.settings.log_max_bytes,
+            )
+            carrier = OutputCarrier(job.pipes, output)
+            carrier.start()
+        try:
+            await self._carry_on(job, carrier)
+        finally:
+            if carrier is not None:
+                carrier.abandon()  # no-op once finished; on cancellation, stop reading
+
+    async def _carry_on(self, job: _Job, carrier: OutputCarrier | None) -> None:
+        record = job.record
+        status = None
+        assert record.pid is not None
+        while True:
+            status = reaper.reap(record.pid)
+            if status is not None or not proctree.is_same_process(record.pid, record.start_ticks):
+                break
+            reaper.reap_orphans(self._shim_pids)
+            if carrier is not None:
+                carrier.output.flush_progress(1.0)
+            await asyncio.sleep(ADOPTED_POLL_S / 5)
+        survivors: list[int] = []
+        killed_after_grace = False
+        if job.fallback_stop is not None:
+            result = await job.fallback_stop
+            survivors, killed_after_grace = result.survivors, result.killed > 0
+        elif self.settings.kill_leftovers:
+            # As the shim would: nothing the job started outlives it.
+            result = await proctree.terminate_processes(
+                None,
+                None,
+                record.pgid or record.pid,
+                record.batch_id,
+                LEFTOVER_GRACE_S,
+                unkillable_wait_s=self.settings.unkillable_wait_s,
+            )
+            survivors = result.survivors
+        reaper.reap_orphans(self._shim_pids)
+        if carrier is not None:
+            await carrier.finish(TAKEOVER_DRAIN_S)
+        self._write_exit(job, status, survivors, killed_after_grace=killed_after_grace)
+        self._ended(job)
+
+    def _write_exit(
+        self,
+        job: _Job,
+        status: int | None,
+        survivors: list[int] | None,
+        *,
+        killed_after_grace: bool = False,
+    ) -> None:
+        """Record the end of a job whose shim could not (``exit.json``)."""
+        note = None
+        if survivors:
+            note = (
+                f"stop incomplete: process(es) {', '.join(map(str, survivors))} would not die "
+                "after SIGKILL (uninterruptible sleep, or not permitted to signal them)"
+            )
+        elif status is None:
+            note = SHIM_KILLED
+        info = {
+            "exit_code": os.WEXITSTATUS(status)
+            if status is not None and os.WIFEXITED(status)
+            else None,
+            "exit_signal": os.WTERMSIG(status)
+            if status is not None and os.WIFSIGNALED(status)
+            else None,
+            "ended_at": time.time(),
+            "exit_note": note,
+            "killed_after_grace": killed_after_grace,
+        }
+        try:
+            self.store.write_exit(job.record.batch_id, info)
+        except OSError as exc:
+            log.error("cannot record the job's end", batch_id=job.record.batch_id, error=str(exc))
 
     def _ended(self, job: _Job) -> None:
         try:
@@ -339,6 +459,9 @@ class JobManager:
             record = job.record
         job.record = record
         job.ended.set()
+        if job.pipes is not None:
+            job.pipes.close()
+            job.pipes = None
         log.info("job ended", batch_id=record.batch_id, outcome=record.describe_exit())
         self._report(record)
 

@@ -277,7 +277,7 @@ def _cmd_dev_server(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise ConfigError(
             "the reference server needs the 'server' extra: "
-            f"pip install 'argus-agent[server]' ({exc})"
+            f"pip install '/path/to/argus-agent-checkout[server]' ({exc})"
         ) from None
     configure("info")
     serve(args.host, args.port, args.db, args.user, args.poll_interval)

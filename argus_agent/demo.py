@@ -55,7 +55,8 @@ def run_demo(*, keep: bool = False) -> int:
         from argus_agent.devserver import DevServer
     except ImportError as exc:
         raise AgentError(
-            f"the demo needs the 'server' extra: pip install 'argus-agent[server]' ({exc})"
+            "the demo needs the 'server' extra: "
+            f"pip install '/path/to/argus-agent-checkout[server]' ({exc})"
         ) from None
     workdir = Path(tempfile.mkdtemp(prefix="argus-demo-"))
     server = DevServer(db_path=workdir / "argus.sqlite", poll_interval_s=0.5)

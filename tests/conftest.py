@@ -13,15 +13,45 @@ import pytest
 from argus_agent.config import Settings
 from argus_agent.devserver import DevServer
 from argus_agent.logsetup import configure
+from tests.leftovers import LeftoverGuard
 from tests.support import HOST, ArgusUser
 
-ROOT_JOBS = {"run_as": "root", "allow_root": True} if os.geteuid() == 0 else {}
+#: Running as root (CI), the jobs of these tests run as root: every job as ``run_as``, which
+#: the Argus user of the tests (alice) is allowed to ask for.
+ROOT_JOBS = (
+    {"run_as": "root", "allow_root": True, "users": {"alice": "*"}} if os.geteuid() == 0 else {}
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _logging() -> None:
     """Agent logs go through stdlib logging, so pytest's caplog sees them."""
     configure("debug", stream=sys.stderr, json=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _leftover_guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LeftoverGuard]:
+    """Marks the session's processes (``tests/leftovers.py``); at its end, fails the run if
+    anything the session started still runs (and kills it)."""
+    guard = LeftoverGuard(basetemp=tmp_path_factory.getbasetemp())
+    guard.start_session()
+    yield guard
+    leftovers = guard.end_session()
+    if leftovers:
+        pytest.fail(guard.describe(leftovers, "the test session"), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes(
+    request: pytest.FixtureRequest, _leftover_guard: LeftoverGuard
+) -> Iterator[None]:
+    """Every process a test starts must be gone when it ends: what is still alive after a
+    short grace is killed and fails the test (see ``tests/leftovers.py``)."""
+    before = _leftover_guard.snapshot()
+    yield
+    leftovers = _leftover_guard.check(before)
+    if leftovers:
+        pytest.fail(_leftover_guard.describe(leftovers, request.node.nodeid), pytrace=False)
 
 
 @pytest.fixture(autouse=True)

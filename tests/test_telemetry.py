@@ -11,7 +11,15 @@ from pathlib import Path
 from argus_agent.daemon import Agent
 from argus_agent.devserver import DevServer
 from argus_agent.telemetry.gpu import FakeGpuBackend, GpuDevice, GpuReader
-from tests.support import FIXTURES, ArgusUser, RunningAgent, eventually, register, server_events
+from tests.support import (
+    FIXTURES,
+    ArgusUser,
+    RunningAgent,
+    alive,
+    eventually,
+    register,
+    server_events,
+)
 
 PY = shlex.quote(sys.executable)
 FAST = {"interval_s": 0.5, "log_poll_s": 0.1}
@@ -19,6 +27,22 @@ FAST = {"interval_s": 0.5, "log_poll_s": 0.1}
 
 def _settings(make_settings, token: str, **telemetry):
     return make_settings(server={"token": token}, telemetry={**FAST, **telemetry})
+
+
+async def _stop_and_wait(argus: ArgusUser, server: DevServer, *batches: str) -> None:
+    """Press Stop on each batch, then wait until the agent acked each stop and reported each
+    job's end: the jobs and their supervisors must not outlive the test (and its agent)."""
+    for batch in batches:
+        argus.stop(batch)
+    for batch in batches:
+        ack = await eventually(lambda b=batch: argus.acked(b, "stop"), what=f"stop ack of {batch}")
+        assert ack["status"] == "started", ack
+        end = await eventually(
+            lambda b=batch: server_events(server.url, b, "batch_failed"), what=f"end of {batch}"
+        )
+        assert end[0]["data"]["error"] == (
+            "killed by signal 15 (SIGTERM), stopped on request of alice"
+        )
 
 
 async def test_a_job_with_20_children_and_a_grandchild_is_sampled_as_22_processes(
@@ -110,8 +134,9 @@ async def test_fake_nvml_attributes_gpu_memory_to_the_right_job(
         assert second["proc_gpu_mem_mb"] == 2048.0
         assert [g["index"] for g in second["gpus"]] == [1]
         assert second["gpu_util_pct"] == 12.0 and second["gpu_temp_c"] == 55.0
-        for batch in (one, two):
-            argus.stop(batch)
+        tree_two = [int(pid) for pid in (tmp_path / "pids").read_text().split()]
+        await _stop_and_wait(argus, server, one, two)
+        assert not any(alive(pid) for pid in [pid_one, *tree_two]), "stop ends the whole tree"
 
 
 async def test_slow_gpu_reads_are_skipped_not_piled_up() -> None:

@@ -8,7 +8,8 @@ whether retrying can help (``transient``) and which process exit code the CLI ma
     ├── ConfigError               config file or environment is wrong        (fatal, exit 3)
     ├── StateError                state dir / token file unusable            (fatal, exit 4)
     │   ├── InsecureTokenFileError   token file readable by group or others
-    │   └── NotRegisteredError       no token file: run `argus-agent register`
+    │   ├── NotRegisteredError       no token file: run `argus-agent register`
+    │   └── AlreadyRunningError      another agent runs on this state dir
     ├── ServerError               talking to the Argus server failed
     │   ├── TransientServerError     connection refused, timeout, 5xx        (retry with backoff)
     │   ├── RateLimitedError         429; carries Retry-After seconds        (retry after it)
@@ -17,6 +18,7 @@ whether retrying can help (``transient``) and which process exit code the CLI ma
     │   ├── NotFoundError            404
     │   ├── ConflictError            409 (e.g. command already acked)
     │   └── ProtocolError            an answer we cannot understand, other 4xx
+    ├── LoopCrashedError          a loop of the daemon raised            (exit 6, systemd restarts)
     └── JobError                  a job could not be launched or stopped
         ├── PayloadError             a server command is malformed or refused by policy
         └── LaunchError              the exec itself failed
@@ -108,12 +110,30 @@ class ProtocolError(ServerError):
     """The server's answer could not be understood, or a 4xx we have no better class for."""
 
 
+class AlreadyRunningError(StateError):
+    """Another agent holds the state dir's lock."""
+
+
+class LoopCrashedError(AgentError):
+    """A long-running loop of the daemon raised: the daemon goes down, systemd restarts it."""
+
+    exit_code = 6
+
+
 class JobError(AgentError):
     """A job could not be launched or stopped; the message is the reason acked to the server."""
 
 
 class PayloadError(JobError):
-    """A command from the server is malformed or refused by policy."""
+    """A command from the server is malformed or refused by policy.
+
+    The message is acked to the server; ``audit`` holds details for the local audit log only
+    (e.g. a resolved path the requester must not learn).
+    """
+
+    def __init__(self, message: str, *, audit: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.audit = audit or {}
 
 
 class LaunchError(JobError):

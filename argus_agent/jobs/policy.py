@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -383,33 +383,23 @@ def _check_groups(identity: Identity, privileged: Sequence[str], userdb: UserDb)
             )
 
 
-def usable_by(
-    path: Path, uid: int, gids: Sequence[int], stat_fn: Callable[[Path], os.stat_result] = os.stat
-) -> bool:
-    """Whether user ``uid`` (with groups ``gids``) may enter ``path``: search (x) permission
-    on the directory and every ancestor, by the owner / group / other bits."""
-    if uid == 0:
-        return True
-    for directory in (*reversed(path.parents), path):
-        info = stat_fn(directory)
-        if info.st_uid == uid:
-            bit = stat.S_IXUSR
-        elif info.st_gid in gids:
-            bit = stat.S_IXGRP
-        else:
-            bit = stat.S_IXOTH
-        if not info.st_mode & bit:
-            return False
-    return True
+#: Pseudo filesystems a job's working directory may not be in: their paths mean something
+#: else for every process that resolves them (``/proc/self/cwd`` is the resolver's cwd).
+PSEUDO_ROOTS = (Path("/proc"), Path("/sys"))
+MAX_SYMLINKS = 40
 
 
 def check_cwd(raw: Any, default: Path, identity: Identity) -> Path:
-    """The working directory, resolved: absolute, existing, a directory whose real path
-    (symlinks resolved, ``/proc/self/cwd`` and the like included) the job's user can enter.
+    """The working directory, resolved as the job's user would: absolute, existing, a
+    directory the user can enter, reached through directories the user can search.
 
-    Returns the resolved path, which is what the job's supervisor enters, and only after it
-    dropped privileges to the job's user: a symlink swapped after this check still gives the
-    job nothing its user lacks. Reasons name the recorded and the resolved path.
+    The path is walked one name at a time, symlinks followed, each directory's search (x)
+    permission checked for the job's user before the next name is looked up, so a refusal
+    tells the requester nothing the job's user could not find out (not whether a file
+    exists in another user's private directory, nor where a symlink in it points). Returns
+    the resolved path, which is what the shim enters, only after dropping to the job's user:
+    a symlink swapped after this check still gives the job nothing its user lacks. Refusals
+    carry the path resolved so far in ``audit`` (for the local audit log only).
     """
     if raw is None:
         cwd = default
@@ -419,19 +409,71 @@ def check_cwd(raw: Any, default: Path, identity: Identity) -> Path:
         cwd = Path(raw)
     if "\x00" in str(cwd) or not cwd.is_absolute():
         raise PayloadError(f"payload.cwd: expected an absolute path, got {str(cwd)[:200]!r}")
+    return _walk(cwd, identity)
+
+
+def _walk(cwd: Path, identity: Identity) -> Path:
+    """Resolve ``cwd`` like the kernel's path walk, as ``identity`` (see ``check_cwd``)."""
+    current = Path("/")
+    names = list(reversed(cwd.parts[1:]))
+    links = 0
+
+    def refuse(reason: str) -> PayloadError:
+        return PayloadError(
+            f"working directory {cwd} {reason}", audit={"resolved_cwd": str(current)}
+        )
+
+    while names:
+        name = names.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            current = current.parent
+            continue
+        if not _searchable(current, identity):
+            raise refuse(f"is not accessible to user {identity.user}")
+        candidate = current / name
+        try:
+            info = os.lstat(candidate)
+        except FileNotFoundError:
+            current = candidate
+            raise refuse("does not exist on this host") from None
+        except OSError as exc:
+            current = candidate
+            raise refuse(f"cannot be checked: {exc.strerror or exc}") from None
+        if stat.S_ISLNK(info.st_mode):
+            links += 1
+            if links > MAX_SYMLINKS:
+                raise refuse("has too many levels of symbolic links")
+            target = Path(os.readlink(candidate))
+            if target.is_absolute():
+                current = Path("/")
+            names.extend(reversed([p for p in target.parts if p != "/"]))
+            continue
+        current = candidate
+        if any(current == root or root in current.parents for root in PSEUDO_ROOTS):
+            raise refuse(f"is in {current}, which is no place to run a job")
+        if names and not stat.S_ISDIR(info.st_mode):
+            raise refuse("is not a directory")
+    if not current.is_dir():
+        raise refuse("is not a directory")
+    if not _searchable(current, identity):
+        raise refuse(f"is not accessible to user {identity.user}")
+    return current
+
+
+def _searchable(directory: Path, identity: Identity) -> bool:
+    """Whether ``identity`` may search (x) ``directory`` itself, by its mode bits."""
+    if identity.uid == 0:
+        return True
     try:
-        real = Path(os.path.realpath(cwd, strict=True))
-    except FileNotFoundError:
-        raise PayloadError(f"working directory {cwd} does not exist on this host") from None
-    except OSError as exc:
-        raise PayloadError(f"working directory {cwd}: {exc.strerror or exc}") from None
-    shown = str(cwd) if real == cwd else f"{cwd} (resolves to {real})"
-    if not real.is_dir():
-        raise PayloadError(f"working directory {shown} is not a directory")
-    try:
-        usable = usable_by(real, identity.uid, identity.groups)
-    except OSError as exc:
-        raise PayloadError(f"working directory {shown}: {exc.strerror}") from None
-    if not usable:
-        raise PayloadError(f"working directory {shown} is not accessible to user {identity.user}")
-    return real
+        info = os.stat(directory)
+    except OSError:
+        return False
+    if info.st_uid == identity.uid:
+        bit = stat.S_IXUSR
+    elif info.st_gid in identity.groups or info.st_gid == identity.gid:
+        bit = stat.S_IXGRP
+    else:
+        bit = stat.S_IXOTH
+    return bool(info.st_mode & bit)

@@ -16,8 +16,11 @@ processes are then:
   under it belong to the job unless a *different* process now leads a group of that id
   (the id was freed and reused, and its members are strangers);
 - processes carrying the job's ``ARGUS_BATCH_ID`` in their environment (inherited by
-  everything the job starts, including daemons that left its session and tree), and their
-  descendants.
+  everything the job starts, including daemons that left its session and tree);
+- orphans re-parented to the agent (a child subreaper) that started after the job, are not
+  the agent's own children (shims, its own session) and carry no other batch's id: what a
+  job whose shim died left behind, even with its environment cleared;
+- and the descendants of all of these.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from argus_agent.jobs.shim import (
@@ -69,42 +73,62 @@ def _group_ids(pid: int) -> tuple[int, int] | None:
     return (int(fields[2]), int(fields[3])) if fields else None
 
 
-def _has_marker(pid: int, marker: bytes) -> bool:
+def _batch_of(pid: int) -> str | None:
+    """The ``ARGUS_BATCH_ID`` in the environment of ``pid`` (None: none, or unreadable)."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as handle:
             environ = handle.read()
     except OSError:
-        return False
-    return environ.startswith(marker[1:]) or marker in environ
+        return None
+    for entry in environ.split(b"\0"):
+        if entry.startswith(b"ARGUS_BATCH_ID="):
+            return entry[len(b"ARGUS_BATCH_ID=") :].decode(errors="replace")
+    return None
 
 
 def job_processes(
-    root_pid: int | None, root_ticks: int | None, group: int | None, batch_id: str | None
+    root_pid: int | None,
+    root_ticks: int | None,
+    group: int | None,
+    batch_id: str | None,
+    *,
+    exclude: Collection[int] = (),
 ) -> dict[int, int]:
     """The live processes of a job whose shim is gone → their start ticks (see the module
     doc for which). Blocking: one pass over /proc (plus one environ read per process when
-    ``batch_id`` is given). Never includes this process."""
+    ``batch_id`` is given). Never includes this process or ``exclude`` (other jobs' roots,
+    shims), nor a process carrying another batch's ``ARGUS_BATCH_ID``."""
     me = os.getpid()
+    my_session = os.getsid(0)
     table = proc_table()
     root_alive = root_pid is not None and is_same_process(root_pid, root_ticks)
     # A group/session id is the job's unless another process now leads one of that id.
     group_is_ours = group is not None and (
         group not in table or (group == root_pid and table[group][2] == root_ticks)
     )
-    marker = f"\0ARGUS_BATCH_ID={batch_id}\0".encode() if batch_id else None
     seeds: set[int] = set()
     if root_alive and root_pid is not None:
         seeds.add(root_pid)
-    for pid, (_ppid, state, _ticks) in table.items():
-        if pid == me or state in ("Z", "X"):
+    for pid, (ppid, state, ticks) in table.items():
+        if pid == me or pid in exclude or state in ("Z", "X"):
             continue
         if group_is_ours:
             ids = _group_ids(pid)
             if ids is not None and group in ids:
                 seeds.add(pid)
                 continue
-        if marker is not None and _has_marker(pid, marker):
-            seeds.add(pid)
+        batch = _batch_of(pid) if batch_id is not None else None
+        if batch is not None:
+            if batch == batch_id:
+                seeds.add(pid)
+            continue
+        # An orphan of a job re-parented to the agent (its subreaper), even with a cleared
+        # environment: not the agent's own child (those share its session or are shims).
+        if batch_id is not None and ppid == me:
+            ids = _group_ids(pid)
+            started_after = root_ticks is None or ticks >= root_ticks
+            if ids is not None and ids[1] != my_session and started_after:
+                seeds.add(pid)
     found: dict[int, int] = {}
     for pid in seeds:
         if pid in table:
@@ -146,13 +170,14 @@ async def terminate_processes(
     *,
     poll_s: float = 0.1,
     unkillable_wait_s: float = UNKILLABLE_WAIT_S,
+    exclude: Collection[int] = (),
 ) -> StopResult:
     """SIGTERM the job's processes, wait up to ``grace_s`` for them to go, then SIGKILL
     what is left until nothing is left or ``unkillable_wait_s`` passed. Blocks its coroutine
     up to ``grace_s + unkillable_wait_s``; the /proc passes run in a thread."""
 
     def collect() -> dict[int, int]:
-        return job_processes(root_pid, root_ticks, group, batch_id)
+        return job_processes(root_pid, root_ticks, group, batch_id, exclude=exclude)
 
     result = StopResult()
     found = await asyncio.to_thread(collect)

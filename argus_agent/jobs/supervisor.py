@@ -31,7 +31,7 @@ from pathlib import Path
 from argus_agent.config import JobSettings
 from argus_agent.errors import JobError, LaunchError
 from argus_agent.jobs import proctree, reaper
-from argus_agent.jobs.shim import JobOutput
+from argus_agent.jobs.shim import JobOutput, signal_process
 from argus_agent.jobs.spec import LaunchSpec
 from argus_agent.jobs.store import JobRecord, JobStore
 from argus_agent.jobs.takeover import OutputCarrier, OutputPipes
@@ -281,20 +281,39 @@ class JobManager:
             self.store.write_stop(record)
         if proctree.is_same_process(record.shim_pid, record.shim_start_ticks):
             assert record.shim_pid is not None
-            os.kill(record.shim_pid, signal.SIGTERM)
-        elif job.fallback_stop is None and record.pid is not None:
-            log.warning("job supervisor is gone; the agent stops the job itself", batch_id=batch_id)
-            job.fallback_stop = asyncio.create_task(
-                proctree.terminate_processes(
-                    record.pid,
-                    record.start_ticks,
-                    record.pgid or record.pid,
-                    record.batch_id,
-                    record.stop_grace_s or self.settings.stop_grace_s,
-                    unkillable_wait_s=self.settings.unkillable_wait_s,
-                )
-            )
+            signal_process(record.shim_pid, record.shim_start_ticks, signal.SIGTERM)
+        else:
+            self._stop_without_shim(job)
         return record
+
+    def _stop_without_shim(self, job: _Job) -> None:
+        """The agent's own stop of a job whose shim is gone (once per job): what is left of
+        the grace period from when the stop was asked for, then SIGKILL. Idempotent."""
+        record = job.record
+        if job.fallback_stop is not None or record.pid is None:
+            return
+        log.warning(
+            "job supervisor is gone; the agent stops the job itself", batch_id=record.batch_id
+        )
+        grace = self.settings.stop_grace_s if record.stop_grace_s is None else record.stop_grace_s
+        asked = record.stop_requested_at or time.time()
+        job.fallback_stop = asyncio.create_task(
+            proctree.terminate_processes(
+                record.pid,
+                record.start_ticks,
+                record.pgid or record.pid,
+                record.batch_id,
+                max(0.0, asked + grace - time.time()),
+                unkillable_wait_s=self.settings.unkillable_wait_s,
+                exclude=self._not_of(job),
+            )
+        )
+
+    def _not_of(self, job: _Job) -> set[int]:
+        """Processes a fallback stop of ``job`` must leave alone: the shims this agent
+        started and the main processes of its other jobs."""
+        others = {j.record.pid for j in self._jobs.values() if j is not job and j.record.pid}
+        return {*self._shim_pids, *others}
 
     # -- housekeeping --------------------------------------------------------------------
 
@@ -317,8 +336,10 @@ class JobManager:
         return len(old)
 
     def reap_orphans(self) -> None:
-        """Collect exited orphans of jobs re-parented to the agent (see ``reaper``)."""
-        reaper.reap_orphans(self._shim_pids)
+        """Collect exited orphans of jobs re-parented to the agent (see ``reaper``), never a
+        job's main process (its watcher collects that one, with its status) nor a shim."""
+        roots = {j.record.pid for j in self._jobs.values() if j.record.pid and not j.ended.is_set()}
+        reaper.reap_orphans({*self._shim_pids, *roots})
 
     async def shutdown(self) -> None:
         """Stop watching; running jobs are left running under their shims."""
@@ -368,13 +389,19 @@ class JobManager:
         )
         carrier = None
         if job.pipes is not None:
-            output = JobOutput(
-                record.log_path,
-                str(self.store.job_dir(record.batch_id) / "output.streams"),
-                self.settings.log_max_bytes,
-            )
-            carrier = OutputCarrier(job.pipes, output)
-            carrier.start()
+            try:
+                output = JobOutput(
+                    record.log_path,
+                    str(self.store.job_dir(record.batch_id) / "output.streams"),
+                    self.settings.log_max_bytes,
+                )
+            except OSError as exc:
+                log.error("cannot open the job's log; its output is lost", error=str(exc))
+                job.pipes.close()  # the job then gets EPIPE, as with no reader at all
+                job.pipes = None
+            else:
+                carrier = OutputCarrier(job.pipes, output)
+                carrier.start()
         try:
             await self._carry_on(job, carrier)
         finally:
@@ -385,31 +412,40 @@ class JobManager:
         record = job.record
         status = None
         assert record.pid is not None
+        if record.stop_requested_at is not None:
+            # A stop was under way when the shim died: the agent finishes it.
+            self._stop_without_shim(job)
         while True:
             status = reaper.reap(record.pid)
             if status is not None or not proctree.is_same_process(record.pid, record.start_ticks):
                 break
-            reaper.reap_orphans(self._shim_pids)
+            if job.fallback_stop is not None and job.fallback_stop.done():
+                break  # a stop gave up on what would not die: the job is recorded as ended
+            self.reap_orphans()
             if carrier is not None:
                 carrier.output.flush_progress(1.0)
             await asyncio.sleep(ADOPTED_POLL_S / 5)
+        if job.fallback_stop is None and self.settings.kill_leftovers:
+            # As the shim would: nothing the job started outlives it. Recorded as the job's
+            # stop task, so a stop arriving now joins it instead of starting another.
+            job.fallback_stop = asyncio.create_task(
+                proctree.terminate_processes(
+                    None,
+                    None,
+                    record.pgid or record.pid,
+                    record.batch_id,
+                    LEFTOVER_GRACE_S,
+                    unkillable_wait_s=self.settings.unkillable_wait_s,
+                    exclude=self._not_of(job),
+                )
+            )
         survivors: list[int] = []
         killed_after_grace = False
         if job.fallback_stop is not None:
             result = await job.fallback_stop
-            survivors, killed_after_grace = result.survivors, result.killed > 0
-        elif self.settings.kill_leftovers:
-            # As the shim would: nothing the job started outlives it.
-            result = await proctree.terminate_processes(
-                None,
-                None,
-                record.pgid or record.pid,
-                record.batch_id,
-                LEFTOVER_GRACE_S,
-                unkillable_wait_s=self.settings.unkillable_wait_s,
-            )
             survivors = result.survivors
-        reaper.reap_orphans(self._shim_pids)
+            killed_after_grace = result.killed > 0 and record.stop_requested_at is not None
+        self.reap_orphans()
         if carrier is not None:
             await carrier.finish(TAKEOVER_DRAIN_S)
         self._write_exit(job, status, survivors, killed_after_grace=killed_after_grace)

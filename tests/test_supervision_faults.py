@@ -205,3 +205,34 @@ async def test_a_launch_interrupted_by_a_crash_is_acked_failed_not_started(
                 "the launch was interrupted by an agent restart; request the rerun again",
             )
         ]
+
+
+async def test_an_agent_restart_during_a_takeover_does_not_cost_the_job_its_output(
+    argus: ArgusUser, make_settings, user_token: str
+) -> None:
+    """The output keeper is a process of its own: the job keeps a reader while no agent runs."""
+    settings = make_settings(jobs={"stop_grace_s": 1.0})
+    await register(settings, user_token)
+    async with RunningAgent(settings) as running:
+        batch = argus.rerun(argus.record_batch(TICKER))
+        await eventually(lambda: argus.acked(batch, "rerun"), what="ack")
+        record = running.agent.jobs.get(batch)
+        log_path = Path(record.log_path)
+        os.kill(record.shim_pid, signal.SIGKILL)
+        await eventually(
+            lambda: (log_path.parent / "keeper.json").exists(), what="the output keeper"
+        )
+    lines_while_down = log_path.read_text().count("\n")
+    await eventually(
+        lambda: log_path.read_text().count("\n") > lines_while_down + 10,
+        what="ticks written while no agent runs",
+    )
+    assert alive(record.pid)
+    async with RunningAgent(settings) as running:
+        assert running.agent.jobs.get(batch).running
+        argus.stop(batch)
+        await eventually(lambda: not alive(record.pid), timeout=5, what="job stopped")
+        ended = await running.agent.jobs.wait_ended(batch, timeout=10)
+        assert ended.stop_requested_at is not None
+    lines = log_path.read_text().splitlines()
+    assert lines == [f"tick {i}" for i in range(len(lines))], "no line lost or torn"

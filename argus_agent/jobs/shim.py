@@ -607,8 +607,45 @@ def _answer(line: dict[str, Any]) -> None:
     os.close(devnull)
 
 
+def keep_output() -> int:
+    """``--keep-output`` mode: carry the output of a job whose shim died into its log.
+
+    Started by the agent (``takeover``) with the job's output pipes passed as fds and a JSON
+    spec on stdin (``log_path``, ``streams_path``, ``log_max_bytes``, ``fds``: tag → fd). It
+    reads until every pipe is at end of file (the job and everything it started closed
+    them), writing whole lines as the shim would, then exits; SIGTERM ends it early. A
+    process of its own, so the job keeps a reader whatever happens to the agent.
+    """
+    raw = json.loads(sys.stdin.buffer.read())
+    fds = {int(fd): tag.encode() for tag, fd in raw["fds"].items()}
+    output = JobOutput(raw["log_path"], raw["streams_path"], int(raw["log_max_bytes"]))
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
+    selector = selectors.DefaultSelector()
+    for fd in fds:
+        os.set_blocking(fd, False)
+        selector.register(fd, selectors.EVENT_READ)
+    while fds and not stopping:
+        for key, _ in selector.select(TICK_S):
+            try:
+                data = os.read(key.fd, READ_CHUNK)
+            except BlockingIOError:
+                continue
+            if data:
+                output.feed(fds[key.fd], data)
+                continue
+            output.end(fds.pop(key.fd))
+            selector.unregister(key.fd)
+            os.close(key.fd)
+        output.flush_progress(PROGRESS_FLUSH_S)
+    output.close()
+    return 0
+
+
 def main() -> int:
     """Entry point: read the spec, launch, answer, supervise. Returns the shim's exit code."""
+    if sys.argv[1:] == ["--keep-output"]:
+        return keep_output()
     # The shim shrugs these off; a handled signal (unlike an ignored one) is reset to its
     # default in the job at exec, so the job sees SIGINT, SIGHUP, SIGUSR1... as usual.
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):

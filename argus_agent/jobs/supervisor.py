@@ -9,7 +9,8 @@ shim recorded.
 
 A killed shim never kills its job: the agent holds read ends of the job's output pipes
 (``takeover.OutputPipes``), and when a shim dies before recording an exit status while its
-job runs, the agent takes the job over: it carries the output into the log, stops the job
+job runs, the agent takes the job over: an output keeper process carries the output into
+the log (``takeover.OutputKeeper``, which outlives an agent restart), the agent stops the job
 itself on request (``proctree``), learns the exit status when the job was re-parented to it
 (the agent is a child subreaper, see ``reaper``), and reports the end ("exit status unknown:
 supervisor was killed" when the kernel gave the status to someone else).
@@ -31,10 +32,10 @@ from pathlib import Path
 from argus_agent.config import JobSettings
 from argus_agent.errors import JobError, LaunchError
 from argus_agent.jobs import proctree, reaper
-from argus_agent.jobs.shim import JobOutput, signal_process
+from argus_agent.jobs.shim import signal_process
 from argus_agent.jobs.spec import LaunchSpec
 from argus_agent.jobs.store import JobRecord, JobStore
-from argus_agent.jobs.takeover import OutputCarrier, OutputPipes
+from argus_agent.jobs.takeover import OutputKeeper, OutputPipes
 from argus_agent.logsetup import get_logger
 
 log = get_logger(__name__)
@@ -83,8 +84,9 @@ class JobManager:
         self.on_ended = on_ended
         self._jobs: dict[str, _Job] = {}
         self._reports: set[asyncio.Task[None]] = set()
-        #: Shims this process started: asyncio waits for them, ``reap_orphans`` must not.
-        self._shim_pids: set[int] = set()
+        #: Shims and output keepers this process started: asyncio waits for them, so
+        #: ``reap_orphans`` must not, and no fallback stop takes them for a job's orphans.
+        self._spawned: set[int] = set()
 
     # -- queries -------------------------------------------------------------------------
 
@@ -193,7 +195,7 @@ class JobManager:
         job = _Job(record)
         job.pipes = OutputPipes.attach(process.pid, record.pid, record.output_pipes)
         self._jobs[spec.batch_id] = job
-        self._shim_pids.add(process.pid)
+        self._spawned.add(process.pid)
         job.watcher = asyncio.create_task(self._watch_child(job, process))
         log.info(
             "job started",
@@ -313,7 +315,7 @@ class JobManager:
         """Processes a fallback stop of ``job`` must leave alone: the shims this agent
         started and the main processes of its other jobs."""
         others = {j.record.pid for j in self._jobs.values() if j is not job and j.record.pid}
-        return {*self._shim_pids, *others}
+        return {*self._spawned, *others}
 
     # -- housekeeping --------------------------------------------------------------------
 
@@ -339,7 +341,7 @@ class JobManager:
         """Collect exited orphans of jobs re-parented to the agent (see ``reaper``), never a
         job's main process (its watcher collects that one, with its status) nor a shim."""
         roots = {j.record.pid for j in self._jobs.values() if j.record.pid and not j.ended.is_set()}
-        reaper.reap_orphans({*self._shim_pids, *roots})
+        reaper.reap_orphans({*self._spawned, *roots})
 
     async def shutdown(self) -> None:
         """Stop watching; running jobs are left running under their shims."""
@@ -355,7 +357,7 @@ class JobManager:
 
     async def _watch_child(self, job: _Job, process: asyncio.subprocess.Process) -> None:
         await process.wait()
-        self._shim_pids.discard(process.pid)
+        self._spawned.discard(process.pid)
         await self._after_shim(job)
 
     async def _watch_adopted(self, job: _Job) -> None:
@@ -387,28 +389,27 @@ class JobManager:
             batch_id=record.batch_id,
             pid=record.pid,
         )
-        carrier = None
-        if job.pipes is not None:
-            try:
-                output = JobOutput(
-                    record.log_path,
-                    str(self.store.job_dir(record.batch_id) / "output.streams"),
-                    self.settings.log_max_bytes,
-                )
-            except OSError as exc:
-                log.error("cannot open the job's log; its output is lost", error=str(exc))
-                job.pipes.close()  # the job then gets EPIPE, as with no reader at all
-                job.pipes = None
-            else:
-                carrier = OutputCarrier(job.pipes, output)
-                carrier.start()
-        try:
-            await self._carry_on(job, carrier)
-        finally:
-            if carrier is not None:
-                carrier.abandon()  # no-op once finished; on cancellation, stop reading
+        keeper = OutputKeeper(self.store.job_dir(record.batch_id), self.python, SHIM_PATH)
+        await self._keep_output(job, keeper)
+        await self._carry_on(job, keeper)
 
-    async def _carry_on(self, job: _Job, carrier: OutputCarrier | None) -> None:
+    async def _keep_output(self, job: _Job, keeper: OutputKeeper) -> None:
+        """Make sure an output keeper reads the job's pipes (one, not two: a keeper an
+        earlier agent started goes on)."""
+        if job.pipes is None or keeper.alive():
+            return
+        try:
+            await keeper.start(job.pipes, job.record.log_path, self.settings.log_max_bytes)
+            assert keeper.process is not None
+            self._spawned.add(keeper.process.pid)
+        except OSError as exc:
+            log.error(
+                "cannot start the job's output keeper; its output is lost",
+                batch_id=job.record.batch_id,
+                error=str(exc),
+            )
+
+    async def _carry_on(self, job: _Job, keeper: OutputKeeper) -> None:
         record = job.record
         status = None
         assert record.pid is not None
@@ -422,8 +423,8 @@ class JobManager:
             if job.fallback_stop is not None and job.fallback_stop.done():
                 break  # a stop gave up on what would not die: the job is recorded as ended
             self.reap_orphans()
-            if carrier is not None:
-                carrier.output.flush_progress(1.0)
+            if not keeper.alive():
+                await self._keep_output(job, keeper)  # the keeper died: another one
             await asyncio.sleep(ADOPTED_POLL_S / 5)
         if job.fallback_stop is None and self.settings.kill_leftovers:
             # As the shim would: nothing the job started outlives it. Recorded as the job's
@@ -446,8 +447,9 @@ class JobManager:
             survivors = result.survivors
             killed_after_grace = result.killed > 0 and record.stop_requested_at is not None
         self.reap_orphans()
-        if carrier is not None:
-            await carrier.finish(TAKEOVER_DRAIN_S)
+        await keeper.finish(TAKEOVER_DRAIN_S)
+        if keeper.process is not None:
+            self._spawned.discard(keeper.process.pid)
         self._write_exit(job, status, survivors, killed_after_grace=killed_after_grace)
         self._ended(job)
 

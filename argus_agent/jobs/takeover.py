@@ -4,19 +4,27 @@ A job's stdout and stderr are pipes that its shim reads. Were the shim the only 
 SIGKILLed shim (the OOM killer, an operator's ``kill``, the job itself) would leave the job
 writing into pipes without readers, and the job would die of SIGPIPE at its next print. So
 the agent holds read ends of its own (opened through ``/proc/<shim>/fd/N`` and checked by
-inode; through the job's own fd 1 and 2 when the shim is already gone), reads nothing while
-the shim lives, and once the shim is gone carries the output into the job's log exactly as
-the shim would (``shim.JobOutput``: whole lines, the stream sidecar, the size cap).
+inode; through the job's own fd 1 and 2 when the shim is already gone) and reads nothing
+from them. Once the shim is gone, it hands copies of them to an output keeper
+(``shim.py --keep-output``), a small process of its own that carries the output into the
+job's log exactly as the shim would (whole lines, the stream sidecar, the size cap), so the
+job keeps a reader even when the agent itself is restarted or killed meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import signal
+import time
+from pathlib import Path
 from typing import Any
 
-from argus_agent.jobs.shim import READ_CHUNK, JobOutput
+from argus_agent.fsutil import atomic_write_json
+from argus_agent.jobs.proctree import is_same_process, start_ticks
+from argus_agent.jobs.shim import signal_process
 from argus_agent.logsetup import get_logger
 
 log = get_logger(__name__)
@@ -74,58 +82,84 @@ def _open_pipe(pid: int | None, fd_number: Any, inode: Any) -> int | None:
     return None
 
 
-class OutputCarrier:
-    """Reads a job's pipes on the event loop into its log once its shim is gone."""
+class OutputKeeper:
+    """The process that carries a taken-over job's output into its log (``shim.py
+    --keep-output``): a process of its own, so a restart or crash of the agent does not
+    take the job's last reader away. Its pid and start time are kept in ``keeper.json`` in
+    the job dir, so a later agent finds it instead of starting a second reader."""
 
-    def __init__(self, pipes: OutputPipes, output: JobOutput) -> None:
-        self.pipes = pipes
-        self.output = output
-        self._open: dict[int, bytes] = {fd: tag.encode() for tag, fd in pipes.fds.items()}
-        self._all_closed = asyncio.Event()
-        self._closed = False
+    def __init__(self, job_dir: Path, python: str, shim_path: Path) -> None:
+        self.job_dir = job_dir
+        self.python = python
+        self.shim_path = shim_path
+        self.process: asyncio.subprocess.Process | None = None
 
-    def start(self) -> None:
-        """Begin reading (each pipe until end of file)."""
-        loop = asyncio.get_running_loop()
-        for fd in self._open:
-            loop.add_reader(fd, self._readable, fd)
-        if not self._open:
-            self._all_closed.set()
+    @property
+    def record_path(self) -> Path:
+        return self.job_dir / "keeper.json"
 
-    def _readable(self, fd: int) -> None:
+    def running_elsewhere(self) -> bool:
+        """Whether a keeper started by an earlier agent still carries the output."""
         try:
-            data = os.read(fd, READ_CHUNK)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            log.warning("reading a job's output failed", error=str(exc))
-            data = b""
-        if data:
-            self.output.feed(self._open[fd], data)
-            return
-        self._close_stream(fd)
+            info = json.loads(self.record_path.read_text())
+            return is_same_process(int(info["pid"]), int(info["start_ticks"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
 
-    def _close_stream(self, fd: int) -> None:
-        tag = self._open.pop(fd)
-        asyncio.get_running_loop().remove_reader(fd)
-        self.output.end(tag)
-        if not self._open:
-            self._all_closed.set()
+    def alive(self) -> bool:
+        """Whether a keeper (this agent's or an earlier one's) carries the output now."""
+        if self.process is not None:
+            return self.process.returncode is None
+        return self.running_elsewhere()
+
+    async def start(self, pipes: OutputPipes, log_path: str, max_bytes: int) -> None:
+        """Start a keeper reading ``pipes`` (the agent keeps its own read ends open).
+        Raises OSError when it cannot be started."""
+        spec = {
+            "log_path": log_path,
+            "streams_path": str(self.job_dir / "output.streams"),
+            "log_max_bytes": max_bytes,
+            "fds": dict(pipes.fds),
+        }
+        errors = os.open(self.job_dir / "keeper.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                self.python,
+                "-I",
+                "-S",
+                str(self.shim_path),
+                "--keep-output",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=errors,
+                pass_fds=tuple(pipes.fds.values()),
+                cwd=self.job_dir,
+                env={"PATH": os.defpath, "LC_ALL": "C.UTF-8"},
+                start_new_session=True,
+            )
+        finally:
+            os.close(errors)
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(spec).encode())
+        await self.process.stdin.drain()
+        self.process.stdin.close()
+        ticks = start_ticks(self.process.pid)
+        atomic_write_json(self.record_path, {"pid": self.process.pid, "start_ticks": ticks})
 
     async def finish(self, timeout_s: float) -> None:
-        """Read until every pipe is at end of file or ``timeout_s`` passed (a daemon of the
-        job may hold a pipe open), then close the log and the pipes."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._all_closed.wait(), timeout_s)
-        self.abandon()
-
-    def abandon(self) -> None:
-        """Stop reading now: close the log (pending partial lines written) and the pipes.
-        Idempotent."""
-        for fd in list(self._open):
-            self._close_stream(fd)
-        if not self._closed:
-            self._closed = True
-            with contextlib.suppress(OSError):
-                self.output.close()
-        self.pipes.close()
+        """Give the keeper ``timeout_s`` to read to the end (the job's pipes close when its
+        last process is gone), then stop it (SIGTERM: it writes what it has and exits)."""
+        if self.process is not None:
+            try:
+                await asyncio.wait_for(self.process.wait(), timeout_s)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.terminate()
+                await self.process.wait()
+            return
+        deadline = time.monotonic() + timeout_s
+        while self.running_elsewhere() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            info = json.loads(self.record_path.read_text())
+            signal_process(int(info["pid"]), int(info["start_ticks"]), signal.SIGTERM)

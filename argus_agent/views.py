@@ -38,13 +38,21 @@ def format_status(status: dict[str, Any]) -> str:
     if tele:
         sender = tele.get("sender", {})
         dropped = sum(tele.get("dropped", {}).values())
+        lost = sum((tele.get("lost") or {}).values())
         lines.append(
             f"events   {tele.get('outbox_queued', 0)} queued "
             f"({tele.get('outbox_bytes', 0) / 1e6:.1f} MB), sender {sender.get('state')}, "
             f"{sender.get('sent', 0)} sent, {sender.get('rejected', 0)} rejected"
             + (f", {dropped} dropped (outbox full)" if dropped else "")
+            + (f", {lost} lost (the disk refused them)" if lost else "")
             + f"; GPU: {tele.get('gpu')}"
         )
+        last_write = tele.get("last_write_error") or {}
+        if tele.get("write_errors"):
+            lines.append(
+                f"         disk refused {tele['write_errors']} outbox write(s), last "
+                f"{_since(last_write.get('at'))} ago: {last_write.get('error')}"
+            )
         if sender.get("state") in ("backing_off", "auth_rejected", "rate_limited"):
             lines.append(f"         last error: {sender.get('last_error')}")
         if sender.get("state") == "no_token":
@@ -52,12 +60,41 @@ def format_status(status: dict[str, Any]) -> str:
                 "         no reporter token: events are kept locally, not sent "
                 "(set ARGUS_TOKEN or server.token)"
             )
+    lines += _damaged_lines(status.get("damaged_state") or {})
     jobs = status.get("jobs", [])
     running = sum(j["state"] in ("running", "stopping") for j in jobs)
     lines.append(f"jobs     {running} running, {len(jobs)} known")
     for job in jobs[:20]:
-        lines.append(f"  {job['batch_id']:<24} pid {job['pid']!s:<8} {job['outcome']}")
+        lines.append(
+            f"  {job['batch_id']:<24} pid {job['pid']!s:<8} {job['outcome']}"
+            + (f" (log incomplete: {job['log_error']})" if job.get("log_error") else "")
+        )
     return "\n".join(lines)
+
+
+def _damaged_lines(damaged: dict[str, Any]) -> list[str]:
+    """Damaged state files set aside and job records quarantined (kept until deleted)."""
+    lines = []
+    for entry in damaged.get("recovered", []):
+        kept = ""
+        if entry.get("salvaged_events") is not None:
+            kept = f"; {entry['salvaged_events']} queued event(s) kept"
+        elif entry.get("salvaged_commands") is not None:
+            kept = f"; {entry['salvaged_commands']} command(s) kept"
+        lines.append(
+            f"damaged  {entry.get('file', 'database')} set aside {_since(entry.get('at'))} ago "
+            f"as {entry.get('path')}: {entry.get('reason')}"
+            + kept
+            + (f", {entry['lost_events']} event(s) lost" if entry.get("lost_events") else "")
+        )
+    for entry in damaged.get("quarantined_jobs", []):
+        lines.append(
+            f"damaged  job {entry.get('batch_id')} quarantined in {entry.get('path')}: "
+            f"{entry.get('reason')}"
+        )
+    if lines:
+        lines.append("         (inspect, then delete the kept files to clear these lines)")
+    return lines
 
 
 def format_jobs(records: list[JobRecord]) -> str:

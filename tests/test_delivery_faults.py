@@ -12,13 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from argus_agent.argus_api import ArgusClient
 from argus_agent.backoff import Backoff
 from argus_agent.devserver import DevServer
 from argus_agent.events import EventKind, EventSource, OutEvent, make_event
-from argus_agent.outbox import Outbox, OutboxError
+from argus_agent.outbox import Outbox
 from argus_agent.sender import EventSender
 from argus_agent.telemetry.sampler import JobRef, Sampler
 from tests.support import (
@@ -68,14 +66,18 @@ async def test_one_bad_envelope_under_the_rate_limit_blocks_nothing(tmp_path: Pa
         server.stop()
 
 
-async def test_a_corrupt_outbox_fails_start_with_a_reason(tmp_path: Path) -> None:
+async def test_a_corrupt_outbox_is_set_aside_and_a_fresh_one_works(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     path.write_bytes(b"this is not a database" * 100)
     box = Outbox(path, max_bytes=1 << 20)
-    with pytest.raises(OutboxError, match="the outbox is unusable"):
-        await asyncio.wait_for(box.start(), 5)
-    with pytest.raises(OutboxError):
+    await asyncio.wait_for(box.start(), 5)
+    try:
         await box.put([make_event("log_line", EventKind.LOG, "b", SOURCE, {"line": "x"})])
+        assert box.stats().queued == 1
+        (kept,) = box.recovered_from
+        assert Path(kept["path"]).read_bytes().startswith(b"this is not a database")
+    finally:
+        await box.close()
 
 
 async def test_a_job_that_ends_while_the_agent_is_down_gets_its_lifecycle_event_once(

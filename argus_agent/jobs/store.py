@@ -11,18 +11,31 @@ Each file has one writer, so the agent and the per-job supervisor (shim) never r
 |                |        | job whose shim vanished without writing it)                    |
 | ``output.log`` | shim   | the job's stdout and stderr                                    |
 
-A :class:`JobRecord` is the view assembled from these files.
+A :class:`JobRecord` is the view assembled from these files. ``load`` checks every field's
+type (and that pids are positive) and raises :class:`JobRecordError` naming the file and the
+field; no record with a wrong-typed field ever reaches the job table, the status socket or a
+stop. At start-up the supervisor loads with ``quarantine=True``: a job dir whose record is
+damaged is moved to ``jobs/.quarantine/<batch_id>`` (a ``quarantine.json`` in it says why),
+logged with its path and reason, and listed in ``JobStore.quarantined`` (and in status) until
+an operator removes it; the other jobs are not affected. Read-only callers (``argus-agent
+jobs``) only skip such records.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, fields, replace
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from argus_agent.errors import StateError
 from argus_agent.fsutil import atomic_write_json, ensure_private_dir, read_json
 from argus_agent.jobs.shim import STOP_GRACE_KEY
 from argus_agent.logsetup import get_logger
@@ -149,12 +162,104 @@ class JobRecord:
         return text
 
 
+#: Where damaged job records are moved, under the jobs dir (not a batch id: never loaded).
+QUARANTINE_DIR = ".quarantine"
+#: Fields naming processes: a pid of 0 or below would signal a whole group, or everything.
+POSITIVE_FIELDS = frozenset({"pid", "pgid", "shim_pid"})
+NON_NEGATIVE_FIELDS = frozenset({"uid", "gid", "start_ticks", "shim_start_ticks"})
+_HINTS: dict[str, Any] = typing.get_type_hints(JobRecord)
+_REQUIRED = tuple(
+    f.name for f in fields(JobRecord) if f.default is MISSING and f.default_factory is MISSING
+)
+
+
+class JobRecordError(ValueError):
+    """A job record file that is not what the agent wrote: not JSON, not an object, a field
+    missing or of the wrong type. ``path`` is the file, ``reason`` what is wrong with it."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a JobRecord field's annotation."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return (
+            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        )
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("NoneType", "null")
+
+
+def _checked(path: Path, part: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The fields ``keys`` of one record file, each checked against JobRecord's types."""
+    if not isinstance(part, dict):
+        raise JobRecordError(path, f"not a JSON object but {type(part).__name__}")
+    picked = {k: part[k] for k in keys if k in part}
+    for key, value in picked.items():
+        hint = _HINTS[key]
+        if not _type_ok(value, hint):
+            raise JobRecordError(
+                path, f"field {key!r} is {value!r:.80}, expected {_type_name(hint)}"
+            )
+        if value is not None and (
+            (key in POSITIVE_FIELDS and value <= 0) or (key in NON_NEGATIVE_FIELDS and value < 0)
+        ):
+            raise JobRecordError(path, f"field {key!r} is {value!r}, out of range")
+    return picked
+
+
+def _read_part(path: Path) -> Any:
+    """Parse one record file. Raises OSError, or JobRecordError when it is not JSON."""
+    try:
+        return read_json(path)
+    except UnicodeDecodeError as exc:
+        raise JobRecordError(path, f"not UTF-8 text: {exc}") from None
+    except ValueError as exc:
+        raise JobRecordError(path, f"not valid JSON: {exc}") from None
+
+
 class JobStore:
-    """Reads and writes job directories under ``<state_dir>/jobs``. Blocking, small I/O."""
+    """Reads and writes job directories under ``<state_dir>/jobs``. Blocking, small I/O.
+
+    ``quarantined`` lists the damaged job records found: ``{"batch_id", "path", "reason",
+    "at"}``, where ``path`` is the job dir in ``jobs/.quarantine/`` (or where it stayed, when
+    it could not be moved).
+    """
 
     def __init__(self, root: Path) -> None:
+        """Raises StateError (path and fix) when the jobs dir cannot be created or used."""
         self.root = root
-        ensure_private_dir(root)
+        try:
+            ensure_private_dir(root)
+        except OSError as exc:
+            raise StateError(
+                f"{root}: cannot use the jobs directory: {exc.strerror or exc}; fix: make it "
+                "(and the state dir above it) a directory the agent's user can write, then "
+                "start the agent again"
+            ) from None
+        self.quarantined: list[dict[str, Any]] = []
 
     def job_dir(self, batch_id: str) -> Path:
         """The directory of one job (batch ids are validated to a safe shape upstream)."""
@@ -187,9 +292,18 @@ class JobStore:
         )
 
     def load(self, batch_id: str) -> JobRecord:
-        """Assemble the record of one job. Raises OSError/ValueError/TypeError."""
+        """Assemble the record of one job. Raises OSError (unreadable: may pass) or
+        JobRecordError (a ValueError: a file is damaged, naming it and the field)."""
         directory = self.job_dir(batch_id)
-        data: dict[str, Any] = read_json(directory / "job.json")
+        intent_path = directory / "job.json"
+        data = _checked(intent_path, _read_part(intent_path), INTENT_FIELDS)
+        missing = [k for k in _REQUIRED if k not in data]
+        if missing:
+            raise JobRecordError(intent_path, f"field(s) {', '.join(missing)} missing")
+        if data["batch_id"] != batch_id:
+            raise JobRecordError(
+                intent_path, f"batch_id {data['batch_id']!r} differs from its directory"
+            )
         for name, keys in (
             ("started.json", STARTED_FIELDS),
             ("stop.json", STOP_FIELDS),
@@ -197,20 +311,84 @@ class JobStore:
         ):
             path = directory / name
             if path.exists():
-                part = read_json(path)
-                data.update({k: part.get(k) for k in keys if k in part})
-        known = {f.name for f in fields(JobRecord)}
-        return JobRecord(**{k: v for k, v in data.items() if k in known})
+                data.update(_checked(path, _read_part(path), keys))
+        return JobRecord(**data)
 
-    def load_all(self) -> list[JobRecord]:
-        """Every readable job record; unreadable ones are logged and skipped."""
+    def load_all(self, *, quarantine: bool = False) -> list[JobRecord]:
+        """Every readable job record. A damaged one (:class:`JobRecordError`) is skipped and
+        listed in ``quarantined``; with ``quarantine`` (the agent at start-up) its directory
+        is also moved to ``jobs/.quarantine/``. Unreadable ones (OSError) are logged and
+        skipped, to be read again next time."""
         records = []
         for path in sorted(self.root.glob("*/job.json")):
+            batch_id = path.parent.name
             try:
-                records.append(self.load(path.parent.name))
-            except (OSError, ValueError, TypeError) as exc:
+                records.append(self.load(batch_id))
+            except JobRecordError as exc:
+                self.set_aside(batch_id, exc, move=quarantine)
+            except OSError as exc:
                 log.warning("job record unreadable, skipped", path=str(path), error=str(exc))
+        if quarantine:
+            self.quarantined.extend(self._earlier_quarantined())
         return records
+
+    def set_aside(self, batch_id: str, exc: JobRecordError, *, move: bool = True) -> None:
+        """Report a damaged job record, and (``move``) move its directory to
+        ``jobs/.quarantine/`` with a ``quarantine.json`` saying why. Never raises."""
+        directory = self.job_dir(batch_id)
+        where = directory
+        note = ""
+        if move:
+            target = self.root / QUARANTINE_DIR / batch_id
+            try:
+                (self.root / QUARANTINE_DIR).mkdir(mode=0o700, exist_ok=True)
+                if target.exists():
+                    target = target.with_name(f"{batch_id}-{time.time_ns()}")
+                os.rename(directory, target)
+                where = target
+            except OSError as move_error:
+                note = f" (could not be moved: {move_error.strerror or move_error})"
+            else:
+                with contextlib.suppress(OSError):
+                    atomic_write_json(
+                        target / "quarantine.json",
+                        {"reason": str(exc), "at": time.time(), "batch_id": batch_id},
+                    )
+        entry = {"batch_id": batch_id, "path": str(where), "reason": str(exc), "at": time.time()}
+        self.quarantined.append(entry)
+        if move:
+            message = (
+                "job record damaged: the job is no longer supervised or reported, its "
+                f"directory is kept in {QUARANTINE_DIR}{note}; fix the file and move the "
+                "directory back before a restart to resume it, or delete it"
+            )
+        else:
+            message = "job record damaged"
+        log.error(message, batch_id=batch_id, path=str(where), reason=str(exc))
+
+    def _earlier_quarantined(self) -> list[dict[str, Any]]:
+        """Job dirs earlier runs moved to quarantine and nobody removed yet."""
+        found = []
+        listed = {entry["path"] for entry in self.quarantined}
+        with contextlib.suppress(OSError):
+            for directory in sorted((self.root / QUARANTINE_DIR).iterdir()):
+                if str(directory) in listed or not directory.is_dir():
+                    continue
+                try:
+                    info = read_json(directory / "quarantine.json")
+                    reason, at = str(info["reason"]), float(info["at"])
+                except (OSError, ValueError, TypeError, KeyError):
+                    reason, at = "quarantined by an earlier run", directory.stat().st_mtime
+                found.append(
+                    {
+                        "batch_id": directory.name,
+                        "path": str(directory),
+                        "reason": reason,
+                        "at": at,
+                        "earlier": True,
+                    }
+                )
+        return found
 
 
 def _pick(record: JobRecord, keys: tuple[str, ...]) -> dict[str, Any]:

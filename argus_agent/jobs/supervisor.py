@@ -34,7 +34,7 @@ from argus_agent.errors import JobError, LaunchError
 from argus_agent.jobs import proctree, reaper
 from argus_agent.jobs.shim import signal_process
 from argus_agent.jobs.spec import LaunchSpec
-from argus_agent.jobs.store import JobRecord, JobStore
+from argus_agent.jobs.store import JobRecord, JobRecordError, JobStore
 from argus_agent.jobs.takeover import OutputKeeper, OutputPipes
 from argus_agent.logsetup import get_logger
 
@@ -119,7 +119,8 @@ class JobManager:
         """
         adopted: list[JobRecord] = []
         ended_meanwhile: list[JobRecord] = []
-        for record in self.store.load_all():
+        # Damaged records are moved to jobs/.quarantine and listed in store.quarantined.
+        for record in self.store.load_all(quarantine=True):
             job = _Job(record)
             self._jobs[record.batch_id] = job
             if record.ended_at is not None:
@@ -127,15 +128,23 @@ class JobManager:
                 if not _was_reported(self.store, record):
                     ended_meanwhile.append(record)
                 continue
-            same_boot = record.boot_id in (None, proctree.boot_id())
-            if same_boot and (
-                proctree.is_same_process(record.shim_pid, record.shim_start_ticks)
-                or proctree.is_same_process(record.pid, record.start_ticks)
-            ):
-                job.pipes = OutputPipes.attach(record.shim_pid, record.pid, record.output_pipes)
-                job.watcher = asyncio.create_task(self._watch_adopted(job))
-                adopted.append(record)
-                log.info("job re-adopted", batch_id=record.batch_id, pid=record.pid)
+            try:  # one job that cannot be adopted never keeps the others from it
+                same_boot = record.boot_id in (None, proctree.boot_id())
+                if same_boot and (
+                    proctree.is_same_process(record.shim_pid, record.shim_start_ticks)
+                    or proctree.is_same_process(record.pid, record.start_ticks)
+                ):
+                    job.pipes = OutputPipes.attach(record.shim_pid, record.pid, record.output_pipes)
+                    job.watcher = asyncio.create_task(self._watch_adopted(job))
+                    adopted.append(record)
+                    log.info("job re-adopted", batch_id=record.batch_id, pid=record.pid)
+                    continue
+            except Exception as exc:
+                del self._jobs[record.batch_id]
+                path = self.store.job_dir(record.batch_id)
+                self.store.set_aside(
+                    record.batch_id, JobRecordError(path, f"cannot be adopted: {exc!r}")
+                )
                 continue
             note = (
                 "the launch was interrupted by an agent restart"
@@ -489,6 +498,13 @@ class JobManager:
     def _ended(self, job: _Job) -> None:
         try:
             record = self.store.load(job.record.batch_id)
+        except JobRecordError as exc:
+            # Its end is known, its status damaged: reported as unknown, the file left as it
+            # is (the next start quarantines the directory, once the end was reported).
+            self.store.set_aside(job.record.batch_id, exc, move=False)
+            record = job.record.with_changes(
+                ended_at=time.time(), exit_note=f"exit status unreadable: {exc}"
+            )
         except (OSError, ValueError, TypeError) as exc:
             log.error("cannot read the job's state", batch_id=job.record.batch_id, error=str(exc))
             record = job.record

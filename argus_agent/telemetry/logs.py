@@ -8,6 +8,13 @@ any crash the tailer resumes right after the last committed line.
 
 Lines beyond ``max_lines_per_s`` (a token bucket, one second of burst) are not sent; a marker
 line says how many were skipped. The log file itself keeps every line.
+
+Output the shim could not store (it records ``log_error`` in ``exit.json``, e.g. a full disk:
+it stops writing the log at the first failed write) is lost before the tailer sees it. The
+final read of an ended job whose ``exit.json`` names such an error adds one marker line
+saying after which line the output was lost and why, so the gap is visible in the stream.
+The marker's event id is derived from the batch, so a final read repeated after a crash
+sends the same event again and the server keeps one.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import json
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass
 from json.encoder import encode_basestring as encode_json_string
 
@@ -104,6 +112,8 @@ class LogTailer:
         self.bucket = _Bucket(max_lines_per_s, max_lines_per_s, time.monotonic())
         self._id_prefix = ""
         self._id_counter = 0
+        self.exit_path = os.path.join(os.path.dirname(log_path), "exit.json")
+        self._loss_marked = False
 
     def read(
         self, *, final: bool = False, at: float | None = None
@@ -128,7 +138,7 @@ class LogTailer:
         # One decode per chunk; "\n" is one byte in UTF-8, so lines split the same way.
         lines = chunk[:end].decode("utf-8", errors="replace").split("\n")[:-1] if end else []
         if not lines and not (final and self.skipped):
-            return None
+            return self._loss_marker(at) if final else None
         streams = self._streams(len(lines))
         timestamp = utc_timestamp(at)
         self._id_prefix = os.urandom(12).hex()
@@ -166,6 +176,32 @@ class LogTailer:
         ]
         return chunks, LogOffset(self.batch_id, self.offset, self.line_no, self.skipped)
 
+    def _loss_marker(self, at: float | None) -> tuple[list[EventChunk], LogOffset] | None:
+        """The one marker of output the shim could not store (once per tailer; None when
+        ``exit.json`` names no log error)."""
+        if self._loss_marked:
+            return None
+        self._loss_marked = True
+        try:
+            with open(self.exit_path, "rb") as handle:
+                error = json.loads(handle.read()).get("log_error")
+        except (OSError, ValueError, AttributeError):
+            return None
+        if not isinstance(error, str) or not error:
+            return None
+        text = (
+            f"[argus-agent] the job's output after line {self.line_no} was lost: {error} "
+            "(its log file ends there too; the job's exit status is kept)"
+        )
+        event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"argus-agent:{self.batch_id}:log-lost").hex
+        ids: list[str] = []
+        bodies: list[str] = []
+        self._event(
+            ids, bodies, utc_timestamp(at), text, "agent", self.line_no + 1, event_id=event_id
+        )
+        chunk = EventChunk(EventKind.LOG, self.batch_id, ids, bodies[0].encode())
+        return [chunk], LogOffset(self.batch_id, self.offset, self.line_no, self.skipped)
+
     def _streams(self, count: int) -> bytes:
         try:
             with open(self.streams_path, "rb") as handle:
@@ -182,12 +218,14 @@ class LogTailer:
         line: str,
         stream: str,
         number: int,
+        event_id: str | None = None,
     ) -> None:
         # Hand-assembled JSON (only the line's text needs escaping): the hot path of tailing.
         text = line_text(line)
         level = "warning" if stream == "agent" else (line_level(text) or "info")
-        self._id_counter += 1
-        event_id = f"{self._id_prefix}{self._id_counter:08x}"
+        if event_id is None:
+            self._id_counter += 1
+            event_id = f"{self._id_prefix}{self._id_counter:08x}"
         ids.append(event_id)
         bodies.append(
             f'{{"event_id":"{event_id}",{self._envelope_head}"timestamp":"{timestamp}",'

@@ -1,10 +1,16 @@
 """The REST client for the Argus server's agent and event endpoints (httpx, async).
 
 Owns HTTP and turns every answer into a value or one of the ``errors.ServerError`` classes;
-whether and when to retry is the caller's decision (see ``backoff.py``). After a connection
-error or a 5xx the underlying connection pool is dropped, because Argus v0.3.0 may close a
-keep-alive connection after a 500: the next request starts on a fresh connection.
+whether and when to retry is the caller's decision (``backoff.classify``). After a connection
+error, a timeout or a 5xx the underlying connection pool is dropped, because Argus v0.3.0 may
+close a keep-alive connection after a 500: the next request starts on a fresh connection.
 Tokens travel only in the Authorization header and never appear in an exception message.
+
+Every request has an overall deadline, ``timeout_s`` (``server.timeout_s``): connecting,
+sending, waiting and reading the whole answer must fit in it. httpx's own timeouts bound each
+socket operation only, so a server or proxy that answers one byte a second would otherwise
+keep a poll pending for ever. A request past its deadline is a ``TransientServerError``
+("timed out after N s"), retried like any other transient failure.
 """
 
 from __future__ import annotations
@@ -37,13 +43,21 @@ MAX_RETRY_AFTER_S = 3600.0
 class ArgusClient:
     """An async client for one Argus server. Not shared between event loops.
 
-    Every method blocks only its coroutine; each raises a ``ServerError`` subclass on failure.
+    Every method blocks only its coroutine, for at most ``timeout_s`` seconds in all (the
+    request's overall deadline); each raises a ``ServerError`` subclass on failure.
     """
 
     def __init__(self, base_url: str, *, timeout_s: float = 10.0) -> None:
+        if not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise ValueError(f"timeout_s: expected a positive number of seconds, not {timeout_s}")
         self.base_url = base_url.rstrip("/")
+        #: The overall deadline of one request, in seconds.
+        self.deadline_s = timeout_s
         self._timeout = httpx.Timeout(timeout_s)
         self._client: httpx.AsyncClient | None = None
+        #: Pools replaced by a fresh one, still open while their requests finish.
+        self._retired: set[httpx.AsyncClient] = set()
+        self._closing: set[asyncio.Task[None]] = set()
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -56,18 +70,34 @@ class ArgusClient:
         return self._client
 
     async def aclose(self) -> None:
-        """Close the connection pool; the client can still be used (it reconnects)."""
+        """Close every connection pool, retired ones included; the client can still be used
+        (it reconnects)."""
         client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
+        pools = [*self._retired, *([client] if client is not None else [])]
+        self._retired.clear()
+        for pool in pools:
+            await pool.aclose()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     def _fresh_connection(self) -> None:
         """Make the next request open a new connection. The old pool is closed once requests
-        still in flight on it (e.g. a heartbeat) had time to finish."""
+        still in flight on it (e.g. a heartbeat) had their deadline to finish, or at
+        ``aclose``, whichever comes first."""
         old, self._client = self._client, None
-        if old is not None:
-            loop = asyncio.get_running_loop()
-            loop.call_later(self._timeout.read or 10.0, lambda: loop.create_task(old.aclose()))
+        if old is None:
+            return
+        self._retired.add(old)
+
+        async def close_later() -> None:
+            await asyncio.sleep(self.deadline_s)
+            if old in self._retired:
+                self._retired.discard(old)
+                await old.aclose()
+
+        task = asyncio.get_running_loop().create_task(close_later())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _request(
         self,
@@ -82,13 +112,19 @@ class ArgusClient:
         if content is not None:
             headers["Content-Type"] = "application/json"
         try:
-            response = await self._http().request(
-                method, path, json=json, content=content, headers=headers
-            )
+            async with asyncio.timeout(self.deadline_s):
+                response = await self._http().request(
+                    method, path, json=json, content=content, headers=headers
+                )
+        except TimeoutError:  # the overall deadline (a trickling or silent server)
+            self._fresh_connection()
+            raise TransientServerError(
+                f"{method} {path}: timed out after {self.deadline_s:g} s"
+            ) from None
         except httpx.TimeoutException as exc:
             self._fresh_connection()
             raise TransientServerError(
-                f"{method} {path}: timed out ({type(exc).__name__})"
+                f"{method} {path}: timed out after {self.deadline_s:g} s ({type(exc).__name__})"
             ) from None
         except httpx.TransportError as exc:
             self._fresh_connection()
@@ -133,9 +169,11 @@ class ArgusClient:
         return user if isinstance(user, str) and user else None
 
     async def poll(self, agent_id: str, agent_token: str) -> Any:
-        """Fetch the pending commands; returns the decoded JSON body (see ``protocol``)."""
+        """Fetch the pending commands; returns the raw body (bytes), which
+        ``protocol.decode_commands`` decodes one command at a time, so that one command the
+        JSON decoder chokes on (a huge integer, deep nesting) cannot fail the whole poll."""
         response = await self._request("GET", f"/api/agents/{agent_id}/jobs", agent_token)
-        return _json(response)
+        return response.content
 
     async def ack(
         self,

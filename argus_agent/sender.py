@@ -2,11 +2,14 @@
 
 An event leaves the outbox only when the server answered ``accepted`` or ``deduplicated``
 for it, or ``rejected`` it (logged with the server's reason, and dropped: retrying a
-rejected event can never succeed). 429 waits for ``Retry-After``; connection errors,
-timeouts and 5xx back off with full jitter. A 422 for the whole request (one bad envelope
-fails a whole batch on Argus v0.3.0) is narrowed down by sending the events one at a time,
-so one bad event never blocks the rest. Without a reporter token nothing is sent: events
-stay in the outbox (bounded) and the agent says so once, in its log and its status.
+rejected event can never succeed). What a failed request means is decided by
+``backoff.classify``, the same as for the poll channel: 429 waits for ``Retry-After``;
+connection errors, timeouts and 5xx back off with full jitter; a refused reporter token is
+logged once and retried every ``agent.auth_retry_s``. A request refused for what it carries
+(422 for the whole batch: one bad envelope fails a whole batch on Argus v0.3.0; 413 from a
+proxy) is narrowed down by sending the events one at a time, so one bad event never blocks the
+rest. Without a reporter token nothing is sent: events stay in the outbox (bounded) and the
+agent says so once, in its log and its status.
 """
 
 from __future__ import annotations
@@ -17,18 +20,16 @@ import time
 from dataclasses import dataclass
 
 from argus_agent.argus_api import ArgusClient
-from argus_agent.backoff import Backoff
+from argus_agent.backoff import Action, Backoff, classify
 from argus_agent.channels.base import sleep_unless
-from argus_agent.errors import AuthError, ProtocolError, RateLimitedError, ServerError
+from argus_agent.errors import ServerError
+from argus_agent.health import DEFAULT_STALL_S, Health
 from argus_agent.logsetup import get_logger
 from argus_agent.outbox import Chunk, Outbox
 
 log = get_logger(__name__)
 
 IDLE_WAIT_S = 1.0
-#: Answers that refuse a request as a whole (not the service): 413 too large, 422 invalid.
-REFUSED_REQUEST = (400, 413, 422)
-AUTH_RETRY_S = 300.0
 
 
 @dataclass
@@ -45,7 +46,11 @@ class SenderState:
 
 
 class EventSender:
-    """Moves events from the outbox to the server. Use from one event loop."""
+    """Moves events from the outbox to the server. Use from one event loop.
+
+    ``auth_retry_s`` is how long to wait after the server refused the reporter token
+    (``agent.auth_retry_s``).
+    """
 
     def __init__(
         self,
@@ -55,14 +60,18 @@ class EventSender:
         backoff: Backoff,
         *,
         batch_size: int = 500,
+        auth_retry_s: float = 300.0,
     ) -> None:
         self.outbox = outbox
         self.client = client
         self.token = token
         self.backoff = backoff
         self.batch_size = batch_size
+        self.auth_retry_s = auth_retry_s
         self.state = SenderState()
         self._auth_reported = False
+        #: Where the loop reports progress (the daemon shares its own).
+        self.health = Health(DEFAULT_STALL_S)
 
     async def run(self, shutdown: asyncio.Event) -> None:
         """Send until ``shutdown`` is set. Never raises for server trouble."""
@@ -73,6 +82,7 @@ class EventSender:
                 "telemetry events are kept locally in the outbox and not sent"
             )
             return
+        self.health.report("sender")
         while not shutdown.is_set():
             try:
                 delay = await self.send_once()
@@ -85,6 +95,7 @@ class EventSender:
                 if self.outbox.stats().queued:
                     continue
                 self.state.state = "idle"
+                self.health.report("sender", IDLE_WAIT_S)
                 waiter = asyncio.ensure_future(self.outbox.changed.wait())
                 stopper = asyncio.ensure_future(shutdown.wait())
                 await asyncio.wait(
@@ -92,8 +103,11 @@ class EventSender:
                 )
                 waiter.cancel()
                 stopper.cancel()
-            elif await sleep_unless(shutdown, delay):
-                break
+            else:
+                self.health.report("sender", delay)
+                if await sleep_unless(shutdown, delay):
+                    break
+            self.health.report("sender")
 
     async def send_once(self) -> float | None:
         """Send one batch. Returns None when the outbox is empty or the batch went through,
@@ -103,26 +117,8 @@ class EventSender:
             return None
         try:
             complete = await self._deliver(chunks)
-        except RateLimitedError as exc:
-            self.state.state, self.state.last_error = "rate_limited", str(exc)
-            return exc.retry_after
-        except AuthError as exc:
-            self.state.state, self.state.last_error = "auth_rejected", str(exc)
-            if not self._auth_reported:
-                self._auth_reported = True
-                log.error(
-                    "the server refused the reporter token for events; check "
-                    "ARGUS_TOKEN / server.token",
-                    detail=exc.detail,
-                )
-            return AUTH_RETRY_S
         except ServerError as exc:
-            self.state.state, self.state.last_error = "backing_off", str(exc)
-            delay = self.backoff.next_delay()
-            log.warning(
-                "sending events failed; retrying", error=str(exc), retry_in_s=round(delay, 3)
-            )
-            return delay
+            return self._failed(exc)
         self._auth_reported = False
         self.state.state = "sending"
         if not complete:
@@ -132,13 +128,37 @@ class EventSender:
         self.backoff.reset()
         return None
 
+    def _failed(self, exc: ServerError) -> float:
+        """Record a failed request as ``backoff.classify`` decides; the delay before the next."""
+        decision = classify(exc, auth_retry_s=self.auth_retry_s)
+        delay = decision.delay(self.backoff)
+        self.state.last_error = str(exc)
+        if decision.action is Action.RETRY_AFTER:
+            self.state.state = "rate_limited"
+        elif decision.action is Action.AUTH_REJECTED:
+            self.state.state = "auth_rejected"
+            if not self._auth_reported:
+                self._auth_reported = True
+                log.error(
+                    "the server refused the reporter token for events; check "
+                    "ARGUS_TOKEN / server.token",
+                    detail=exc.detail,
+                    retry_in_s=delay,
+                )
+        else:  # BACKOFF (a REFUSED request was settled event by event before it got here)
+            self.state.state = "backing_off"
+            log.warning(
+                "sending events failed; retrying", error=str(exc), retry_in_s=round(delay, 3)
+            )
+        return delay
+
     async def _deliver(self, chunks: list[Chunk]) -> bool:
         """Send the chunks' events in one request; returns False when some went unanswered."""
         bodies = [body for chunk in chunks for body in chunk.bodies]
         try:
             answer = await self.client.post_events(self.token or "", bodies)
-        except ProtocolError as exc:
-            if exc.status not in REFUSED_REQUEST:
+        except ServerError as exc:
+            if classify(exc, auth_retry_s=self.auth_retry_s).action is not Action.REFUSED:
                 raise
             # The request as a whole was refused (one bad envelope fails a whole batch on
             # Argus v0.3.0; a proxy may refuse its size): settle the events one by one.
@@ -165,16 +185,17 @@ class EventSender:
         return complete
 
     async def _one_by_one(self, chunk: Chunk) -> None:
-        """Send a chunk's events one per request. Events refused on their own (4xx) are
-        dropped with the reason; an interruption (429, outage) keeps what is settled so far
-        settled, so the next try resumes after it instead of starting over."""
+        """Send a chunk's events one per request. Events refused on their own (``REFUSED``)
+        are dropped with the reason; an interruption (429, outage) keeps what is settled so
+        far settled, so the next try resumes after it instead of starting over."""
         settled = 0
         try:
             for event_id, body in zip(chunk.event_ids, chunk.bodies, strict=True):
                 try:
                     answer = await self.client.post_events(self.token or "", [body])
-                except ProtocolError as single:
-                    if single.status is None or not 400 <= single.status < 500:
+                except ServerError as single:
+                    decision = classify(single, auth_retry_s=self.auth_retry_s)
+                    if decision.action is not Action.REFUSED:
                         raise
                     self._rejected(body, f"refused by the server: {single.detail}")
                 else:

@@ -9,12 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from argus_agent.argus_api import retry_after_seconds
-from argus_agent.backoff import Backoff, is_retryable, jittered
-from argus_agent.errors import (
-    AgentTokenRejectedError,
-    RateLimitedError,
-    TransientServerError,
-)
+from argus_agent.backoff import Backoff, jittered
 from argus_agent.jobs.spec import job_base_env
 from argus_agent.protocol import Command, MalformedCommand, decode_command, decode_commands
 
@@ -42,13 +37,6 @@ def test_backoff_bounds_hold_for_any_attempt(attempt: int, initial: float, cap: 
 @given(st.floats(min_value=0.1, max_value=3600))
 def test_poll_jitter_is_within_ten_percent(interval: float) -> None:
     assert 0.9 * interval <= jittered(interval) <= 1.1 * interval
-
-
-def test_which_errors_are_retryable() -> None:
-    assert is_retryable(TransientServerError("x"))
-    assert is_retryable(RateLimitedError("x", retry_after=3))
-    assert not is_retryable(AgentTokenRejectedError("x"))
-    assert not is_retryable(ValueError("x"))
 
 
 def test_retry_after_parsing() -> None:

@@ -16,11 +16,12 @@ from collections.abc import Iterable
 
 from argus_agent.config import TelemetrySettings
 from argus_agent.events import EventKind, EventSource, OutEvent, make_event
+from argus_agent.health import DEFAULT_STALL_S, Health
 from argus_agent.jobs.store import JobRecord
 from argus_agent.jobs.supervisor import JobManager
 from argus_agent.logsetup import get_logger
 from argus_agent.outbox import LogOffset, Outbox
-from argus_agent.protocol import Command
+from argus_agent.protocol import Command, MalformedCommand
 from argus_agent.telemetry.gpu import GpuDevice, GpuReader
 from argus_agent.telemetry.logs import LogTailer
 from argus_agent.telemetry.sampler import HostReading, JobRef, Sampler, TreeReading, disk_usage_mb
@@ -144,6 +145,8 @@ class Telemetry:
         self._locks: dict[str, asyncio.Lock] = {}
         self._offsets: dict[str, LogOffset] = {}
         self.snapshots_sent = 0
+        #: Where the loops report progress (the daemon shares its own).
+        self.health = Health(DEFAULT_STALL_S)
         self.last_tick_s: float | None = None
 
     def source(self, record: JobRecord) -> EventSource:
@@ -167,9 +170,14 @@ class Telemetry:
             tasks.append(asyncio.create_task(self._sample_loop(shutdown)))
             if self.settings.logs:
                 tasks.append(asyncio.create_task(self._log_loop(shutdown)))
+        stopper = asyncio.create_task(shutdown.wait())
         try:
-            await shutdown.wait()
+            done, _ = await asyncio.wait({stopper, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper:
+                    task.result()  # a loop that raised takes the daemon down (see daemon.py)
         finally:
+            stopper.cancel()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -186,15 +194,23 @@ class Telemetry:
         self._tailers.pop(record.batch_id, None)
         self._locks.pop(record.batch_id, None)
 
-    async def launch_failed(self, command: Command, reason: str) -> None:
-        """A rerun's exec failed: end its batch with ``batch_failed`` saying so (if lifecycle
-        events are on), so it does not wait in ``requested``."""
+    async def launch_failed(self, command: Command | MalformedCommand, error: str) -> None:
+        """End a rerun's new batch with ``batch_failed`` whose error is ``error``: the agent
+        refused the rerun (policy, bad cwd, expired, malformed…) or its exec failed. Argus
+        v0.3.0 would otherwise leave the batch ``requested`` for ever. Queued in the outbox
+        (if lifecycle events are on), sent when a reporter token is available; its event id
+        is the job's lifecycle event id, so a report repeated (after a restart) or one that
+        meets the job's own end is de-duplicated by the server. A command without a batch id
+        reports nothing."""
         if not (self.settings.enabled and self.settings.lifecycle_events):
             return
-        event_id = lifecycle_event_id(command.batch_id, command.id)
+        if command.batch_id is None:
+            return
+        cmd_id = command.id if isinstance(command, Command) else command.cmd_id
+        event_id = lifecycle_event_id(command.batch_id, cmd_id or "")
         source = EventSource(project=self.settings.project, host=self.hostname)
         data = {
-            "error": f"exec failure: {reason}",
+            "error": error[:2000],
             "n_done": 0,
             "n_failed": 1,
             "agent": "argus-agent",
@@ -217,6 +233,7 @@ class Telemetry:
     async def _sample_loop(self, shutdown: asyncio.Event) -> None:
         next_at = time.monotonic()
         while not shutdown.is_set():
+            self.health.report("sampler")
             try:
                 await self.sample_once()
             except Exception:
@@ -226,6 +243,7 @@ class Telemetry:
             if delay < 0:  # fell behind (suspend, overload): skip, don't burst
                 next_at = time.monotonic() + self.settings.interval_s
                 delay = self.settings.interval_s
+            self.health.report("sampler", delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(shutdown.wait(), delay)
 
@@ -269,11 +287,13 @@ class Telemetry:
 
     async def _log_loop(self, shutdown: asyncio.Event) -> None:
         while not shutdown.is_set():
+            self.health.report("log tailer")
             for record in self._tail_candidates(self.jobs.records()):
                 try:
                     await self._tail(record, final=False)
                 except Exception:
                     log.exception("reading a job's log failed", batch_id=record.batch_id)
+            self.health.report("log tailer", self.settings.log_poll_s)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(shutdown.wait(), self.settings.log_poll_s)
 

@@ -2,8 +2,10 @@
 
 A user sees one clear line per error on stderr; a traceback only with ``--debug``.
 
-Exit codes: 0 ok, 1 unexpected error, 2 usage, 3 config error, 4 state/token/auth problem,
-5 server unreachable or refusing, 130 interrupted; `config check` exits 0 or 1.
+Exit codes: 0 ok, 1 unexpected error, 2 usage, 3 config error, 4 state/token/auth problem
+(also: another agent runs on the state dir), 5 server unreachable or refusing, 6 a loop of
+the running daemon crashed (systemd restarts it), 130 interrupted; `config check` exits 0
+or 1.
 """
 
 from __future__ import annotations

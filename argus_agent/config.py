@@ -111,6 +111,7 @@ class AgentSettings(_Section):
     backoff_initial_s: float = Field(default=1.0, gt=0, le=60)
     backoff_max_s: float = Field(default=60.0, gt=0, le=3600)
     auth_retry_s: float = Field(default=300.0, gt=0, le=86400)
+    stall_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     host_aliases: list[str] = Field(default_factory=list)
 
     @field_validator("log_level", mode="before")
@@ -245,6 +246,17 @@ class Settings(_Section):
     agent: AgentSettings = Field(default_factory=AgentSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+
+    @model_validator(mode="after")
+    def _stall_after_deadline(self) -> Settings:
+        # A loop may spend a whole server call (server.timeout_s) in one step: only a loop
+        # stuck for longer than that is unhealthy.
+        if self.agent.stall_timeout_s <= self.server.timeout_s:
+            raise ValueError(
+                "agent.stall_timeout_s: expected a number > server.timeout_s "
+                f"({self.server.timeout_s:g})"
+            )
+        return self
 
     @property
     def token_path(self) -> Path:
@@ -396,6 +408,11 @@ def _describe(exc: ValidationError, origin: dict[tuple[str, ...], str], label: s
         if sep and isinstance(value, dict) and head in value:
             # A validator of a table names the key it is about: "url: expected ...".
             loc, message, value = [*loc, head], tail, value.get(head)
+        elif sep and not loc and "." in head:
+            # A whole-settings validator names "section.key: expected ...".
+            loc, message = head.split("."), tail
+            value = (value or {}).get(loc[0], {}) if isinstance(value, dict) else None
+            value = value.get(loc[1]) if isinstance(value, dict) else None
         key = ".".join(loc)
         source = origin.get(tuple(loc[:2]), label)
         if error["type"] == "extra_forbidden":

@@ -1,9 +1,37 @@
-"""The daemon: ``Agent.run()`` goes through start-up, serving and shutdown.
+"""The daemon: ``Agent.run()`` goes through named phases, start-up → serve → shutdown.
 
-Start-up opens the state dir (ledger, job records, token), re-adopts jobs of an earlier run,
-binds the control socket and tells systemd it is ready. Serving runs the channel until the
-shutdown event is set. Shutdown stops the channel, leaves running jobs running and closes
-everything. Signals are the CLI's business: it sets the event (tests set it directly).
+**Start-up** (``_startup``) takes the state dir's lock (one agent per state dir), loads the
+token, decides the server (the registered one), opens the ledger, the outbox, the HTTP
+client, the GPU backend and the job table, re-adopts jobs of an earlier run, binds the
+control socket and tells systemd it is ready. Each step registers its cleanup on an
+``AsyncExitStack``, so a step that fails closes everything opened before it.
+
+**Serve** (``_serve``) runs the loops until the shutdown event is set or a loop raises;
+a loop that raises is logged with its traceback and takes the daemon down
+(``LoopCrashedError``, exit 6) so that systemd restarts it.
+
+**Shutdown** (``_shutdown``) lets the loops finish (bounded), leaves running jobs running
+under their shims, and the exit stack closes what start-up opened, in reverse order.
+Signals are the CLI's business: it sets the event (tests set it directly).
+
+Tasks and threads, and who owns them::
+
+    event loop (main thread)
+    ├── channel        PollChannel.run: poll → dispatcher → acks    (+ its heartbeat task)
+    ├── sender         EventSender.run: outbox → POST /api/events/batch
+    ├── telemetry      Telemetry.run: sampler, log tailer, drop notices (one task each)
+    ├── housekeeping   watchdog (only while ``health`` is good), STATUS=, reaping, pruning
+    ├── job watchers   JobManager: one per job (shim exit, takeover of a job whose shim died)
+    ├── job reports    JobManager: each job's end handed to telemetry
+    └── control socket ControlServer: `argus-agent status` answers
+    threads
+    ├── outbox writer  Outbox: the only SQLite connection of outbox.db
+    ├── to_thread      /proc scans of fallback stops, launch-spec file checks
+    ├── GPU readers    GpuReader: NVML calls on daemon threads, each under a time limit
+    └── child watchers asyncio: one waitpid thread per shim this process started
+
+Every loop reports progress to ``self.health``; the watchdog is fed only while all are
+within their deadlines.
 """
 
 from __future__ import annotations
@@ -13,7 +41,8 @@ import contextlib
 import functools
 import os
 import time
-from dataclasses import asdict
+from collections.abc import Awaitable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from argus_agent import __version__
@@ -26,8 +55,10 @@ from argus_agent.config import Settings
 from argus_agent.control import SOCKET_NAME, ControlServer
 from argus_agent.credentials import AgentCredentials, load_credentials
 from argus_agent.dispatcher import Dispatcher
-from argus_agent.errors import StateError
+from argus_agent.errors import ConfigError, LoopCrashedError, StateError
 from argus_agent.fsutil import ensure_private_dir
+from argus_agent.health import Health
+from argus_agent.instance import LOCK_NAME, InstanceLock
 from argus_agent.jobs import reaper
 from argus_agent.jobs.store import JobStore
 from argus_agent.jobs.supervisor import JobManager
@@ -46,6 +77,34 @@ log = get_logger(__name__)
 LEDGER_RETENTION_S = 30 * 86400
 SHUTDOWN_TIMEOUT_S = 10.0
 PRUNE_EVERY_S = 3600.0
+#: How often housekeeping runs (and feeds the watchdog, at most half its interval).
+HOUSEKEEPING_S = 5.0
+
+
+@dataclass
+class _Serving:
+    """What start-up hands to serving."""
+
+    channel: PollChannel
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+def _with_registered_server(settings: Settings, creds: AgentCredentials) -> Settings:
+    """The settings to run with: the server this host registered with, unless config names
+    one explicitly, in which case the two must agree (the agent token is never sent to
+    another server than the one that issued it)."""
+    registered = creds.server_url.rstrip("/")
+    if "url" not in settings.server.model_fields_set:
+        server = settings.server.model_copy(update={"url": registered})
+        return settings.model_copy(update={"server": server})
+    if settings.server.url.rstrip("/") != registered:
+        raise ConfigError(
+            f"server.url is {settings.server.url}, but this host is registered with "
+            f"{registered} ({settings.token_path}); the agent token is only sent to the "
+            "server that issued it: remove server.url (and ARGUS_URL) to use the registered "
+            "server, or run `argus-agent register --force` to move to the new one"
+        )
+    return settings
 
 
 class Agent:
@@ -69,27 +128,50 @@ class Agent:
         self.ledger: CommandLedger | None = None
         self.jobs: JobManager | None = None
         self.state: AgentState | None = None
+        self.dispatcher: Dispatcher | None = None
+        #: Progress of the long-running loops; the watchdog is fed only while all are healthy.
+        self.health = Health(settings.agent.stall_timeout_s)
+        self._reported_problem: str | None = None
         self.ready = asyncio.Event()
 
     def _load_credentials(self) -> AgentCredentials:
         return load_credentials(self.settings.token_path)
 
     async def run(self, shutdown: asyncio.Event) -> None:
-        """Run until ``shutdown`` is set. Raises StateError/ConfigError during start-up only."""
+        """Run until ``shutdown`` is set: start-up, serve, shutdown.
+
+        Raises ConfigError/StateError when start-up fails (everything opened so far is
+        closed again), and LoopCrashedError when a loop raised while serving (the daemon
+        goes down so that systemd restarts it).
+        """
+        async with contextlib.AsyncExitStack() as stack:
+            serving = await self._startup(stack)
+            crashed = await self._serve(serving, shutdown)
+            await self._shutdown(serving)
+        if crashed is not None:
+            name, exc = crashed
+            raise LoopCrashedError(f"the {name} loop crashed: {type(exc).__name__}: {exc}")
+
+    # -- start-up ------------------------------------------------------------------------
+
+    async def _startup(self, stack: contextlib.AsyncExitStack) -> _Serving:
+        """Open the state dir and everything in it, re-adopt jobs, bind the control socket,
+        tell systemd we are ready. Every resource is registered on ``stack``, so a step that
+        fails closes what the steps before it opened."""
         settings = self.settings
         state_dir = settings.agent.state_dir
         try:
             ensure_private_dir(state_dir)
         except OSError as exc:
             raise StateError(f"{state_dir}: cannot create the state dir: {exc.strerror}") from None
+        lock = InstanceLock(state_dir / LOCK_NAME)
+        lock.acquire()  # before anything else touches the state dir
+        stack.callback(lock.release)
         creds = self._credentials or self._load_credentials()
-        if creds.server_url.rstrip("/") != settings.server.url:
-            log.warning(
-                "token file was issued by another server than the configured one",
-                token_server=creds.server_url,
-                configured=settings.server.url,
-            )
+        settings = self.settings = _with_registered_server(settings, creds)
+        reporter_token = events_token(settings)
         self.ledger = CommandLedger(state_dir / "state.db")
+        stack.callback(self.ledger.close)
         self.ledger.prune(LEDGER_RETENTION_S)
         self.outbox = Outbox(
             state_dir / "outbox.db",
@@ -97,7 +179,9 @@ class Agent:
             chunk_size=min(100, settings.telemetry.send_batch_size),
         )
         await self.outbox.start()
+        stack.push_async_callback(self.outbox.close)
         client = ArgusClient(settings.server.url, timeout_s=settings.server.timeout_s)
+        stack.push_async_callback(client.aclose)
         self.jobs = JobManager(JobStore(state_dir / "jobs"), settings.jobs)
         gpu = GpuReader(
             self._gpu_backend
@@ -107,23 +191,27 @@ class Agent:
             ),
             timeout_s=settings.telemetry.gpu_timeout_s,
         )
-
+        stack.callback(gpu.close)
         self.telemetry = Telemetry(
             settings.telemetry, self.outbox, self.jobs, gpu, hostname=settings.agent.hostname
         )
+        self.telemetry.health = self.health
         self.jobs.on_ended = self.telemetry.job_ended
         await self.telemetry.start()
-        reporter_token = events_token(settings)
         self.sender = EventSender(
             self.outbox,
             client,
             reporter_token,
             Backoff(settings.agent.backoff_initial_s, settings.agent.backoff_max_s),
             batch_size=settings.telemetry.send_batch_size,
+            auth_retry_s=settings.agent.auth_retry_s,
         )
+        self.sender.health = self.health
         # Jobs whose shim dies are re-parented to the agent, which then learns their status.
-        subreaper = reaper.set_subreaper(True)
+        if reaper.set_subreaper(True):
+            stack.callback(reaper.set_subreaper, False)
         adopted, ended_meanwhile = self.jobs.adopt_existing()
+        stack.push_async_callback(self.jobs.shutdown)
         self.jobs.prune(settings.jobs.retention_days * 86400)
         self.state = AgentState(
             version=__version__,
@@ -145,6 +233,7 @@ class Agent:
             ),
             on_launch_failed=self.telemetry.launch_failed,
         )
+        self.dispatcher = dispatcher
         channel = PollChannel(
             client,
             creds,
@@ -154,9 +243,11 @@ class Agent:
             server_poll_interval_s=creds.poll_interval_s or 10.0,
             reload_credentials=self._load_credentials if self._credentials is None else None,
         )
+        channel.health = self.health
         control = ControlServer(state_dir / SOCKET_NAME, self.snapshot)
         try:
             await control.start()
+            stack.push_async_callback(control.close)
         except StateError as exc:
             log.warning("status socket unavailable", error=str(exc))
         log.info(
@@ -171,45 +262,79 @@ class Agent:
         )
         self.notifier.ready(f"polling {settings.server.url}")
         self.ready.set()
-        background = [
-            asyncio.create_task(self._housekeeping(shutdown)),
-            asyncio.create_task(self.telemetry.run(shutdown)),
-            asyncio.create_task(self.sender.run(shutdown)),
-        ]
-        try:
-            await channel.run(shutdown)
-        finally:
-            log.info(
-                "agent stopping; running jobs are left running",
-                running_jobs=len(self.jobs.running()),
-            )
-            self.notifier.stopping()
-            shutdown.set()
-            await self.jobs.shutdown()
-            if subreaper:
-                reaper.set_subreaper(False)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    asyncio.gather(*background, return_exceptions=True), SHUTDOWN_TIMEOUT_S
-                )
-            for task in background:
+        return _Serving(channel)
+
+    # -- serving -------------------------------------------------------------------------
+
+    async def _serve(
+        self, serving: _Serving, shutdown: asyncio.Event
+    ) -> tuple[str, BaseException] | None:
+        """Run the loops until ``shutdown`` is set or one of them raises. Returns the loop
+        that crashed and its error, or None."""
+        assert self.telemetry is not None and self.sender is not None
+        loops: dict[str, Awaitable[None]] = {
+            "channel": serving.channel.run(shutdown),
+            "housekeeping": self._housekeeping(shutdown),
+            "telemetry": self.telemetry.run(shutdown),
+            "sender": self.sender.run(shutdown),
+        }
+        tasks = {asyncio.create_task(coro, name=name): name for name, coro in loops.items()}
+        serving.tasks = set(tasks)
+        crashed: tuple[str, BaseException] | None = None
+        stopper = asyncio.create_task(shutdown.wait())
+        pending: set[asyncio.Task[Any]] = {*tasks, stopper}
+        while not shutdown.is_set() and crashed is None:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is stopper or task.cancelled():
+                    continue
+                exc = task.exception()
+                if exc is not None:
+                    crashed = (tasks[task], exc)
+                    log.error(
+                        "a loop of the agent crashed; stopping so that systemd restarts it",
+                        loop=tasks[task],
+                        exc_info=exc,
+                    )
+        stopper.cancel()
+        shutdown.set()
+        return crashed
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    async def _shutdown(self, serving: _Serving) -> None:
+        """Let the loops finish (bounded), leave running jobs running. What start-up opened
+        is closed by the exit stack after this returns."""
+        assert self.jobs is not None
+        log.info(
+            "agent stopping; running jobs are left running",
+            running_jobs=len(self.jobs.running()),
+        )
+        self.notifier.stopping()
+        if serving.tasks:
+            _done, late = await asyncio.wait(serving.tasks, timeout=SHUTDOWN_TIMEOUT_S)
+            for task in late:
+                log.warning("a loop did not stop in time; cancelled", loop=task.get_name())
                 task.cancel()
-            await control.close()
-            await self.outbox.close()
-            gpu.close()
-            await client.aclose()
-            self.ledger.close()
+            await asyncio.gather(*late, return_exceptions=True)
 
     async def _housekeeping(self, shutdown: asyncio.Event) -> None:
-        """Ping systemd's watchdog while the event loop runs, update STATUS, and prune old
-        jobs and acked commands once an hour."""
-        interval = min(watchdog_interval_s() or 30.0, 30.0)
+        """Feed systemd's watchdog while every loop is healthy (see ``health``), keep its
+        STATUS current, reap orphans of jobs, and prune old jobs and acked commands once an
+        hour."""
+        interval = min(watchdog_interval_s() or HOUSEKEEPING_S, HOUSEKEEPING_S)
         next_prune = time.monotonic() + PRUNE_EVERY_S
         while not shutdown.is_set():
+            self.health.report("housekeeping", interval)
+            problem = self.health.describe()
             if self.state is not None:
-                self.notifier.status(_one_line_status(self.state, self.jobs))
-            if watchdog_interval_s() is not None:
+                line = _one_line_status(self.state, self.jobs)
+                self.notifier.status(f"{line}; {problem}" if problem else line)
+            if problem is None and watchdog_interval_s() is not None:
                 self.notifier.watchdog()
+            elif problem is not None and problem != self._reported_problem:
+                log.error("the agent is unhealthy; systemd's watchdog is not fed", loops=problem)
+            self._reported_problem = problem
             if self.jobs is not None:
                 self.jobs.reap_orphans()
             if time.monotonic() >= next_prune and self.jobs and self.ledger:
@@ -224,6 +349,11 @@ class Agent:
         data = self.state.to_dict()
         data["uptime_s"] = round(time.time() - self.state.started_at, 1)
         data["commands"] = self.ledger.counts()
+        data["health"] = {"loops": self.health.watched(), "overdue": self.health.overdue()}
+        warnings = [problem] if (problem := self.health.describe()) else []
+        if self.dispatcher is not None and (foreign := self.dispatcher.foreign_refusals.warning()):
+            warnings.append(foreign)
+        data["warnings"] = warnings
         if self.outbox is not None and self.sender is not None and self.telemetry is not None:
             stats = self.outbox.stats()
             data["telemetry"] = {
@@ -236,7 +366,19 @@ class Agent:
                 "last_tick_ms": round(self.telemetry.last_tick_s * 1000, 2)
                 if self.telemetry.last_tick_s is not None
                 else None,
+                # A disk that refused writes: events lost (per kind), failed operations.
+                "lost": stats.lost,
+                "write_errors": stats.write_errors,
+                "last_write_error": self.outbox.last_write_error,
             }
+        # Damaged state: databases set aside (kept files) and job records quarantined.
+        recovered = [{**e, "file": "state.db"} for e in self.ledger.recovered_from]
+        if self.outbox is not None:
+            recovered += [{**e, "file": "outbox.db"} for e in self.outbox.recovered_from]
+        data["damaged_state"] = {
+            "recovered": recovered,
+            "quarantined_jobs": list(self.jobs.store.quarantined),
+        }
         data["jobs"] = [
             {
                 "batch_id": r.batch_id,
@@ -249,6 +391,8 @@ class Agent:
                 "requested_by": r.requested_by,
                 "command": r.command_line,
                 "log_path": r.log_path,
+                # The shim could not write the log (e.g. disk full): output after it is lost.
+                "log_error": r.log_error,
             }
             for r in self.jobs.records()
         ]

@@ -61,6 +61,7 @@ def format_status(status: dict[str, Any]) -> str:
                 "(set ARGUS_TOKEN or server.token)"
             )
     lines += _damaged_lines(status.get("damaged_state") or {})
+    lines += [f"warning  {warning}" for warning in status.get("warnings", [])]
     jobs = status.get("jobs", [])
     running = sum(j["state"] in ("running", "stopping") for j in jobs)
     lines.append(f"jobs     {running} running, {len(jobs)} known")

@@ -45,7 +45,7 @@ def _error(tmp_path: Path, body: str, environ: dict[str, str] | None = None) -> 
             {},
             "config.toml: agent.poll_intervall_s: unknown key; expected one of auth_retry_s, "
             "backoff_initial_s, backoff_max_s, heartbeat_interval_s, host_aliases, hostname, "
-            "log_level, poll_interval_s, state_dir",
+            "log_level, poll_interval_s, stall_timeout_s, state_dir",
         ),
         (
             '[sever]\nurl = "http://127.0.0.1"\n',

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from argus_agent.argus_api import ArgusClient
-from argus_agent.backoff import Backoff, jittered
+from argus_agent.backoff import Action, Backoff, classify, jittered
 from argus_agent.channels.base import sleep_unless
 from argus_agent.config import AgentSettings
 from argus_agent.credentials import AgentCredentials
@@ -28,6 +28,7 @@ from argus_agent.errors import (
     RateLimitedError,
     ServerError,
 )
+from argus_agent.health import Health
 from argus_agent.logsetup import get_logger
 from argus_agent.protocol import AckStatus, decode_commands
 from argus_agent.status import ChannelState
@@ -65,12 +66,15 @@ class PollChannel:
         self.backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s, rng=self.rng)
         self._auth_reported = False
         self._reload_error: str | None = None
+        #: Where the loops report progress (the daemon shares its own).
+        self.health = Health(settings.stall_timeout_s)
         self.state.kind = "poll"
         self.state.poll_interval_s = self.interval
 
     async def run(self, shutdown: asyncio.Event) -> None:
         """Poll and heartbeat until ``shutdown`` is set. Never raises for server trouble."""
         heartbeat = asyncio.create_task(self._heartbeat_loop(shutdown))
+        self.health.report("channel")
         try:
             while not shutdown.is_set():
                 try:
@@ -79,6 +83,7 @@ class PollChannel:
                     log.exception("unexpected error in the poll loop; retrying")
                     delay = self.backoff.next_delay()
                     self.state.failed("backing_off", f"agent error: {exc!r}", delay)
+                self.health.report("channel", delay)
                 if self.state.state == "auth_rejected":
                     if await self._sleep_watching_token(shutdown, delay):
                         break
@@ -127,13 +132,14 @@ class PollChannel:
         self._auth_reported = False
 
     def _failed(self, exc: ServerError) -> float:
-        if isinstance(exc, RateLimitedError):
-            delay = exc.retry_after
+        """Record a failed exchange as ``backoff.classify`` decides; the delay until the next."""
+        decision = classify(exc, auth_retry_s=self.settings.auth_retry_s)
+        delay = decision.delay(self.backoff)
+        if decision.action is Action.RETRY_AFTER:
             self.state.failed("rate_limited", str(exc), delay)
             log.warning("server asks us to slow down", retry_after_s=round(delay, 3))
             return delay
-        if isinstance(exc, AgentTokenRejectedError | AuthError):
-            delay = self.settings.auth_retry_s
+        if decision.action is Action.AUTH_REJECTED:
             self.state.failed("auth_rejected", f"{exc}; {FIX_TOKEN}", delay)
             if not self._auth_reported:
                 self._auth_reported = True
@@ -144,7 +150,7 @@ class PollChannel:
                     retry_in_s=delay,
                 )
             return delay
-        delay = self.backoff.next_delay()
+        # BACKOFF; or REFUSED, which a poll has nothing to settle for: it backs off too.
         self.state.failed("backing_off", str(exc), delay)
         log.warning("server exchange failed; retrying", error=str(exc), retry_in_s=round(delay, 3))
         return delay
@@ -186,7 +192,10 @@ class PollChannel:
         )
 
     async def _heartbeat_loop(self, shutdown: asyncio.Event) -> None:
-        while not await sleep_unless(shutdown, self.settings.heartbeat_interval_s):
+        while True:
+            self.health.report("heartbeat", self.settings.heartbeat_interval_s)
+            if await sleep_unless(shutdown, self.settings.heartbeat_interval_s):
+                break
             if self.state.state == "auth_rejected":
                 continue
             try:

@@ -252,7 +252,7 @@ async def test_a_reused_process_group_id_is_never_signalled() -> None:
 
 
 def test_a_recycled_pid_is_not_signalled() -> None:
-    from argus_agent.jobs.shim import signal_process
+    from argus_agent.jobs.procfs import signal_process
 
     victim = subprocess.Popen(["sleep", "300"])
     try:

@@ -32,7 +32,7 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from argus_agent.jobs.shim import (
+from argus_agent.jobs.procfs import (
     boot_id,
     descendants,
     proc_table,

@@ -15,7 +15,8 @@ import ctypes
 import os
 from collections.abc import Collection
 
-from argus_agent.jobs.shim import PR_SET_CHILD_SUBREAPER, stat_fields
+from argus_agent.jobs.procfs import stat_fields
+from argus_agent.jobs.shim import PR_SET_CHILD_SUBREAPER
 
 PR_GET_CHILD_SUBREAPER = 37
 

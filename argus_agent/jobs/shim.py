@@ -48,6 +48,20 @@ import sys
 import time
 from typing import Any
 
+if __package__:  # imported by the agent
+    from argus_agent.jobs.joboutput import PROGRESS_FLUSH_S, READ_CHUNK, JobOutput, keep_output
+    from argus_agent.jobs.procfs import (
+        boot_id,
+        descendants,
+        descendants_with_ticks,
+        signal_process,
+        start_ticks,
+    )
+else:  # run as a script (python -I -S shim.py): its stdlib-only siblings, nothing else
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from joboutput import PROGRESS_FLUSH_S, READ_CHUNK, JobOutput, keep_output
+    from procfs import boot_id, descendants, descendants_with_ticks, signal_process, start_ticks
+
 PR_SET_CHILD_SUBREAPER = 36
 TICK_S = 0.2
 #: After SIGKILL, how long processes that will not die may keep a stop from ending (the
@@ -57,96 +71,6 @@ UNKILLABLE_WAIT_S = 10.0
 EXIT_RETRY_S = 2.0
 #: The key of ``stop.json`` that carries the grace period (written by ``jobs.store``).
 STOP_GRACE_KEY = "stop_grace_s"
-READ_CHUNK = 1 << 16
-MAX_LINE = 1 << 16
-PROGRESS_FLUSH_S = 1.0
-TRUNCATION_MARKER = (
-    "[argus-agent] log truncated: output reached log_max_bytes ({cap} bytes); "
-    "further output of this job is discarded\n"
-)
-
-
-def stat_fields(pid: int) -> list[bytes] | None:
-    """The fields of /proc/<pid>/stat after ``(comm)`` (state first), or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            data = handle.read()
-    except OSError:
-        return None
-    return data[data.rindex(b")") + 2 :].split()
-
-
-def start_ticks(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot), or None."""
-    fields = stat_fields(pid)
-    return int(fields[19]) if fields else None
-
-
-def boot_id() -> str | None:
-    """This boot's id (start ticks only identify a process within one boot)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as handle:
-            return handle.read().strip()
-    except OSError:
-        return None
-
-
-def proc_table() -> dict[int, tuple[int, str, int]]:
-    """pid → (ppid, state, start ticks) for every process (one pass over /proc)."""
-    table = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as handle:
-                data = handle.read()
-        except OSError:
-            continue
-        fields = data[data.rindex(b")") + 2 :].split()
-        table[int(name)] = (int(fields[1]), fields[0].decode(), int(fields[19]))
-    return table
-
-
-def descendants_with_ticks(root: int) -> dict[int, int]:
-    """Live (non-zombie) descendants of ``root`` (excluding it) → their start ticks."""
-    table = proc_table()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _state, _ticks) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    found: set[int] = set()
-    stack = [root]
-    while stack:
-        for child in children.get(stack.pop(), ()):
-            if child not in found:
-                found.add(child)
-                stack.append(child)
-    return {pid: table[pid][2] for pid in found if table[pid][1] not in ("Z", "X")}
-
-
-def descendants(root: int) -> set[int]:
-    """Live (non-zombie) descendants of ``root``, excluding ``root``."""
-    return set(descendants_with_ticks(root))
-
-
-def signal_process(pid: int, ticks: int | None, sig: int) -> bool:
-    """Send ``sig`` to ``pid`` only if it is still the process that started at ``ticks``.
-
-    A pidfd pins the process first and its start time is checked after, so a pid that was
-    recycled between finding it and signalling it is never hit. Returns whether the signal
-    was sent (False: gone, recycled, or not permitted)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except (OSError, AttributeError):
-        return False
-    try:
-        if ticks is not None and start_ticks(pid) != ticks:
-            return False
-        signal.pidfd_send_signal(fd, sig)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -200,101 +124,6 @@ class _Spec:
         self.kill_leftovers: bool = bool(raw.get("kill_leftovers", True))
         self.leftover_grace_s: float = float(raw.get("leftover_grace_s", 5.0))
         self.unkillable_wait_s: float = float(raw.get("unkillable_wait_s", UNKILLABLE_WAIT_S))
-
-
-class JobOutput:
-    """The job's log: stdout and stderr merged line by line into ``output.log``, with a
-    sidecar ``output.streams`` holding one byte per log line (``o`` stdout, ``e`` stderr,
-    ``a`` a line the agent wrote), so readers know each line's stream.
-
-    Only whole lines are written: a partial line waits for its newline (or for the end of
-    its stream, or for ``MAX_LINE`` bytes, when a newline is added). The sidecar byte is
-    written before its line, so a reader never finds a line without its stream. Past
-    ``max_bytes`` one truncation marker is written and the rest is discarded (still read, so
-    the job never blocks on a full pipe).
-    """
-
-    def __init__(self, log_path: str, streams_path: str, max_bytes: int) -> None:
-        self.log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        self.streams_fd = os.open(streams_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        self.max_bytes = max_bytes
-        self.bytes = os.fstat(self.log_fd).st_size
-        self.truncated = False
-        self.error: str | None = None
-        self.partial = {b"o": b"", b"e": b""}
-        self.partial_since = {b"o": 0.0, b"e": 0.0}
-
-    def chown(self, uid: int, gid: int | None) -> None:
-        """Give the log files to the job's user."""
-        for fd in (self.log_fd, self.streams_fd):
-            os.fchown(fd, uid, gid if gid is not None else -1)
-
-    def feed(self, stream: bytes, data: bytes) -> None:
-        """Take a chunk read from ``stream`` (``b"o"`` or ``b"e"``)."""
-        if not self.partial[stream]:
-            self.partial_since[stream] = time.monotonic()
-        data = self.partial[stream] + data
-        cut = data.rfind(b"\n") + 1
-        if cut == 0 and len(data) >= MAX_LINE:
-            data, cut = data + b"\n", len(data) + 1
-        self.partial[stream] = data[cut:]
-        if cut:
-            self.partial_since[stream] = time.monotonic()
-            self._write_lines(stream, data[:cut])
-
-    def flush_progress(self, idle_s: float) -> None:
-        """Write out a partial line that redraws itself (``\r``, a progress bar) once it has
-        waited ``idle_s`` for its newline, so followers of the log see progress."""
-        now = time.monotonic()
-        for stream, pending in self.partial.items():
-            if b"\r" in pending and now - self.partial_since[stream] >= idle_s:
-                self.partial[stream] = b""
-                self._write_lines(stream, pending + b"\n")
-
-    def end(self, stream: bytes) -> None:
-        """The stream is closed: its last partial line is written with a newline."""
-        rest, self.partial[stream] = self.partial[stream], b""
-        if rest:
-            self._write_lines(stream, rest + b"\n")
-
-    def _write_lines(self, stream: bytes, lines: bytes) -> None:
-        if self.truncated:
-            return
-        room = self.max_bytes - self.bytes
-        if len(lines) > room:
-            lines = lines[: max(room, 0)]
-            if lines and not lines.endswith(b"\n"):
-                lines += b"\n"
-            marker = TRUNCATION_MARKER.format(cap=self.max_bytes).encode()
-            self._write(self.streams_fd, stream * lines.count(b"\n") + b"a")
-            self._write(self.log_fd, lines + marker)
-            self.truncated = True
-            return
-        self._write(self.streams_fd, stream * lines.count(b"\n"))
-        self._write(self.log_fd, lines)
-
-    def _write(self, fd: int, data: bytes) -> None:
-        """Write all of ``data``. A failing disk (full, quota, I/O error) must not end the
-        shim: the log is closed for further output and the error recorded; the job runs on
-        and its output is still read (and discarded), so it never blocks."""
-        view = memoryview(data)
-        while view:
-            try:
-                written = os.write(fd, view)
-            except OSError as exc:
-                self.error = f"writing the log failed: {exc.strerror or exc}"
-                self.truncated = True
-                return
-            view = view[written:]
-            if fd == self.log_fd:
-                self.bytes += written
-
-    def close(self) -> None:
-        """Write what is pending and close the files."""
-        for stream in (b"o", b"e"):
-            self.end(stream)
-        os.close(self.log_fd)
-        os.close(self.streams_fd)
 
 
 class Shim:
@@ -605,41 +434,6 @@ def _answer(line: dict[str, Any]) -> None:
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     os.close(devnull)
-
-
-def keep_output() -> int:
-    """``--keep-output`` mode: carry the output of a job whose shim died into its log.
-
-    Started by the agent (``takeover``) with the job's output pipes passed as fds and a JSON
-    spec on stdin (``log_path``, ``streams_path``, ``log_max_bytes``, ``fds``: tag → fd). It
-    reads until every pipe is at end of file (the job and everything it started closed
-    them), writing whole lines as the shim would, then exits; SIGTERM ends it early. A
-    process of its own, so the job keeps a reader whatever happens to the agent.
-    """
-    raw = json.loads(sys.stdin.buffer.read())
-    fds = {int(fd): tag.encode() for tag, fd in raw["fds"].items()}
-    output = JobOutput(raw["log_path"], raw["streams_path"], int(raw["log_max_bytes"]))
-    stopping: list[int] = []
-    signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
-    selector = selectors.DefaultSelector()
-    for fd in fds:
-        os.set_blocking(fd, False)
-        selector.register(fd, selectors.EVENT_READ)
-    while fds and not stopping:
-        for key, _ in selector.select(TICK_S):
-            try:
-                data = os.read(key.fd, READ_CHUNK)
-            except BlockingIOError:
-                continue
-            if data:
-                output.feed(fds[key.fd], data)
-                continue
-            output.end(fds.pop(key.fd))
-            selector.unregister(key.fd)
-            os.close(key.fd)
-        output.flush_progress(PROGRESS_FLUSH_S)
-    output.close()
-    return 0
 
 
 def main() -> int:

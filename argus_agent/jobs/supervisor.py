@@ -32,7 +32,7 @@ from pathlib import Path
 from argus_agent.config import JobSettings
 from argus_agent.errors import JobError, LaunchError
 from argus_agent.jobs import proctree, reaper
-from argus_agent.jobs.shim import signal_process
+from argus_agent.jobs.procfs import signal_process
 from argus_agent.jobs.spec import LaunchSpec
 from argus_agent.jobs.store import JobRecord, JobRecordError, JobStore
 from argus_agent.jobs.takeover import OutputKeeper, OutputPipes

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from argus_agent.fsutil import atomic_write_json
+from argus_agent.jobs.procfs import signal_process
 from argus_agent.jobs.proctree import is_same_process, start_ticks
-from argus_agent.jobs.shim import signal_process
 from argus_agent.logsetup import get_logger
 
 log = get_logger(__name__)

@@ -8,7 +8,7 @@ Each command goes through three phases, each committed before the next step star
     to_ack  ── the result (started + pid, or failed + reason) is known; ack it
     acked   ── the server accepted the ack (or said 409: acked already)
 
-Which step comes next is decided by ``dispatcher.on_delivery`` / ``on_outcome`` /
+Which step comes next is decided by ``dispatch_rules.on_delivery`` / ``on_outcome`` /
 ``on_ack_answer`` (pure functions of the entry, the command and the outcome); this module
 only stores the phases. Text is stored as valid UTF-8 whatever it holds: a lone surrogate
 (which SQLite cannot encode) is written as its escape, never failing the write.
@@ -38,9 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from argus_agent.errors import StateError
-from argus_agent.logsetup import get_logger
-from argus_agent.outbox import (
+from argus_agent.dbrecovery import (
     DamagedDatabaseError,
     earlier_set_aside,
     is_corrupt,
@@ -50,6 +48,8 @@ from argus_agent.outbox import (
     unavailable_error,
     unwritable_error,
 )
+from argus_agent.errors import StateError
+from argus_agent.logsetup import get_logger
 from argus_agent.protocol import AckStatus
 
 log = get_logger(__name__)

@@ -130,8 +130,8 @@ async def test_a_second_agent_on_the_same_state_dir_exits_at_once_touching_nothi
         await first.status()
         socket_before = (settings.agent.state_dir / SOCKET_NAME).stat().st_ino
         second = await asyncio.to_thread(cli, "run", env=env, timeout=30)
-        assert second.returncode == 4
-        assert second.stderr.strip() == (
+        assert second.returncode == 4, second.stderr
+        assert second.stderr.strip().splitlines()[-1] == (
             f"argus-agent: another argus-agent (pid {first.proc.pid}) is running with state "
             f"dir {settings.agent.state_dir}; stop it first (systemctl stop argus-agent), or "
             "give this one another agent.state_dir"

@@ -10,6 +10,7 @@ whether retrying can help (``transient``) and which process exit code the CLI ma
     │   ├── InsecureTokenFileError   token file readable by group or others
     │   ├── NotRegisteredError       no token file: run `argus-agent register`
     │   └── AlreadyRunningError      another agent runs on this state dir
+    ├── StateUnavailableError     state database unusable now (disk full)    (exit 1, restarted)
     ├── ServerError               talking to the Argus server failed
     │   ├── TransientServerError     connection refused, timeout, 5xx        (retry with backoff)
     │   ├── RateLimitedError         429; carries Retry-After seconds        (retry after it)
@@ -54,6 +55,15 @@ class InsecureTokenFileError(StateError):
 
 class NotRegisteredError(StateError):
     """There is no agent token yet: the host has not been registered."""
+
+
+class StateUnavailableError(AgentError):
+    """A state database cannot be used right now (disk full, I/O error). Not a state-dir
+    problem that needs a person: the service manager restarts the agent (exit 1), which
+    tries again. The message names the path."""
+
+    exit_code = 1
+    transient = True
 
 
 class ServerError(AgentError):

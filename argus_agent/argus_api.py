@@ -38,6 +38,8 @@ from argus_agent.errors import (
 from argus_agent.protocol import AckStatus, RegisterResult, ack_body
 
 MAX_RETRY_AFTER_S = 3600.0
+#: The largest answer read from the server (a poll of many commands stays far below it).
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
 
 
 class ArgusClient:
@@ -99,6 +101,26 @@ class ArgusClient:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
+    async def _bounded(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` and read its answer, at most ``MAX_ANSWER_BYTES`` of it (after
+        content decoding): a server that answers without end cannot fill the agent's memory.
+        Raises ProtocolError past the limit."""
+        response = await self._http().send(request, stream=True)
+        try:
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_ANSWER_BYTES:
+                    raise ProtocolError(
+                        f"{request.method} {request.url.path}: the answer is larger than "
+                        f"{MAX_ANSWER_BYTES // (1 << 20)} MiB"
+                    )
+        finally:
+            await response.aclose()
+        return httpx.Response(
+            response.status_code, headers=response.headers, content=bytes(body), request=request
+        )
+
     async def _request(
         self,
         method: str,
@@ -113,8 +135,10 @@ class ArgusClient:
             headers["Content-Type"] = "application/json"
         try:
             async with asyncio.timeout(self.deadline_s):
-                response = await self._http().request(
-                    method, path, json=json, content=content, headers=headers
+                response = await self._bounded(
+                    self._http().build_request(
+                        method, path, json=json, content=content, headers=headers
+                    )
                 )
         except TimeoutError:  # the overall deadline (a trickling or silent server)
             self._fresh_connection()
@@ -155,17 +179,22 @@ class ArgusClient:
             raise ProtocolError("GET /api/auth/me: answer has no 'username'")
         return body["username"]
 
-    async def batch_user(self, user_token: str, batch_id: str) -> str | None:
-        """The OS user Argus recorded for a batch (``GET /api/batches/{id}``, key ``user``;
-        the SDK fills it from ``$USER`` and a rerun batch copies its source's). None when the
-        batch records none. Raises ServerError (404 also when the token may not see it)."""
+    async def batch(self, user_token: str, batch_id: str) -> dict[str, Any]:
+        """The batch document (``GET /api/batches/{id}``). Raises ServerError (404 also
+        when the token may not see the batch)."""
         response = await self._request(
             "GET", f"/api/batches/{quote(batch_id, safe='')}", user_token
         )
         body = _json(response)
         if not isinstance(body, dict):
             raise ProtocolError("GET /api/batches/{id}: answer is not an object")
-        user = body.get("user")
+        return body
+
+    async def batch_user(self, user_token: str, batch_id: str) -> str | None:
+        """The OS user Argus recorded for a batch (its ``user``; the SDK fills it from
+        ``$USER`` and a rerun batch copies its source's). None when the batch records none.
+        Raises ServerError (404 also when the token may not see it)."""
+        user = (await self.batch(user_token, batch_id)).get("user")
         return user if isinstance(user, str) and user else None
 
     async def poll(self, agent_id: str, agent_token: str) -> Any:

@@ -44,6 +44,9 @@ import time
 from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import ValidationError
 
 from argus_agent import __version__
 from argus_agent.argus_api import ArgusClient
@@ -51,11 +54,11 @@ from argus_agent.audit import AuditLog
 from argus_agent.backoff import Backoff
 from argus_agent.channels.base import sleep_unless
 from argus_agent.channels.poll import PollChannel
-from argus_agent.config import Settings
+from argus_agent.config import ServerSettings, Settings
 from argus_agent.control import SOCKET_NAME, ControlServer
 from argus_agent.credentials import AgentCredentials, load_credentials
 from argus_agent.dispatcher import Dispatcher
-from argus_agent.errors import ConfigError, LoopCrashedError, StateError
+from argus_agent.errors import ConfigError, LoopCrashedError, ServerError, StateError
 from argus_agent.fsutil import ensure_private_dir
 from argus_agent.health import Health
 from argus_agent.instance import LOCK_NAME, InstanceLock
@@ -65,6 +68,7 @@ from argus_agent.jobs.supervisor import JobManager
 from argus_agent.ledger import CommandLedger
 from argus_agent.logsetup import get_logger
 from argus_agent.outbox import Outbox
+from argus_agent.protocol import Command, MalformedCommand
 from argus_agent.sender import EventSender
 from argus_agent.status import AgentState
 from argus_agent.systemd import Notifier, watchdog_interval_s
@@ -89,22 +93,42 @@ class _Serving:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
+def _same_url(a: str, b: str) -> bool:
+    """Whether two URLs name the same server (scheme and host compared case-insensitively,
+    default ports and a trailing slash ignored)."""
+
+    def norm(url: str) -> tuple[str, str, int | None, str]:
+        parts = urlsplit(url.rstrip("/"))
+        default = {"http": 80, "https": 443}.get(parts.scheme.lower())
+        return (parts.scheme.lower(), (parts.hostname or ""), parts.port or default, parts.path)
+
+    return norm(a) == norm(b)
+
+
 def _with_registered_server(settings: Settings, creds: AgentCredentials) -> Settings:
     """The settings to run with: the server this host registered with, unless config names
     one explicitly, in which case the two must agree (the agent token is never sent to
     another server than the one that issued it)."""
     registered = creds.server_url.rstrip("/")
     if "url" not in settings.server.model_fields_set:
-        server = settings.server.model_copy(update={"url": registered})
+        try:  # validated as if configured: plain http only to loopback, etc.
+            server = ServerSettings.model_validate(
+                {**settings.server.model_dump(exclude={"url"}), "url": registered}
+            )
+        except ValidationError as exc:
+            reason = exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
+            raise ConfigError(
+                f"{settings.token_path}: the registered server {registered}: {reason}"
+            ) from None
         return settings.model_copy(update={"server": server})
-    if settings.server.url.rstrip("/") != registered:
-        raise ConfigError(
-            f"server.url is {settings.server.url}, but this host is registered with "
-            f"{registered} ({settings.token_path}); the agent token is only sent to the "
-            "server that issued it: remove server.url (and ARGUS_URL) to use the registered "
-            "server, or run `argus-agent register --force` to move to the new one"
-        )
-    return settings
+    if _same_url(settings.server.url, registered):
+        return settings
+    raise ConfigError(
+        f"server.url is {settings.server.url}, but this host is registered with "
+        f"{registered} ({settings.token_path}); the agent token is only sent to the "
+        "server that issued it: remove server.url (and ARGUS_URL) to use the registered "
+        "server, or run `argus-agent register --force` to move to the new one"
+    )
 
 
 class Agent:
@@ -131,7 +155,7 @@ class Agent:
         self.dispatcher: Dispatcher | None = None
         #: Progress of the long-running loops; the watchdog is fed only while all are healthy.
         self.health = Health(settings.agent.stall_timeout_s)
-        self._reported_problem: str | None = None
+        self._reported_stuck: list[str] = []
         self.ready = asyncio.Event()
 
     def _load_credentials(self) -> AgentCredentials:
@@ -161,12 +185,16 @@ class Agent:
         settings = self.settings
         state_dir = settings.agent.state_dir
         try:
-            ensure_private_dir(state_dir)
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise StateError(f"{state_dir}: cannot create the state dir: {exc.strerror}") from None
         lock = InstanceLock(state_dir / LOCK_NAME)
-        lock.acquire()  # before anything else touches the state dir
+        lock.acquire()  # before anything else touches the state dir (a second agent stops)
         stack.callback(lock.release)
+        try:
+            ensure_private_dir(state_dir)
+        except OSError as exc:
+            raise StateError(f"{state_dir}: cannot use the state dir: {exc.strerror}") from None
         creds = self._credentials or self._load_credentials()
         settings = self.settings = _with_registered_server(settings, creds)
         reporter_token = events_token(settings)
@@ -231,7 +259,7 @@ class Agent:
             owner_lookup=(
                 functools.partial(client.batch_user, reporter_token) if reporter_token else None
             ),
-            on_launch_failed=self.telemetry.launch_failed,
+            on_launch_failed=functools.partial(self._report_refused_rerun, client, reporter_token),
         )
         self.dispatcher = dispatcher
         channel = PollChannel(
@@ -263,6 +291,33 @@ class Agent:
         self.notifier.ready(f"polling {settings.server.url}")
         self.ready.set()
         return _Serving(channel)
+
+    async def _report_refused_rerun(
+        self,
+        client: ArgusClient,
+        token: str | None,
+        command: Command | MalformedCommand,
+        reason: str,
+    ) -> None:
+        """End a refused rerun's batch with ``batch_failed`` (Argus v0.3.0 would leave it
+        ``requested`` for ever), but only while it is still ``requested``: a stale or forged
+        command never turns a running or finished batch into a failed one. A batch the
+        reporter token cannot read is reported (a rerun batch belongs to whoever pressed
+        Rerun, often not the agent's token)."""
+        assert self.telemetry is not None
+        if token is not None and command.batch_id is not None:
+            try:
+                status = (await client.batch(token, command.batch_id)).get("status")
+            except ServerError:
+                status = None
+            if status is not None and status != "requested":
+                log.info(
+                    "refused rerun's batch is no longer requested; it is left as it is",
+                    batch_id=command.batch_id,
+                    status=status,
+                )
+                return
+        await self.telemetry.launch_failed(command, reason)
 
     # -- serving -------------------------------------------------------------------------
 
@@ -332,9 +387,10 @@ class Agent:
                 self.notifier.status(f"{line}; {problem}" if problem else line)
             if problem is None and watchdog_interval_s() is not None:
                 self.notifier.watchdog()
-            elif problem is not None and problem != self._reported_problem:
+            stuck = sorted(self.health.overdue())
+            if problem is not None and stuck != self._reported_stuck:
                 log.error("the agent is unhealthy; systemd's watchdog is not fed", loops=problem)
-            self._reported_problem = problem
+            self._reported_stuck = stuck
             if self.jobs is not None:
                 self.jobs.reap_orphans()
             if time.monotonic() >= next_prune and self.jobs and self.ledger:

@@ -31,10 +31,13 @@ class InstanceLock:
         """Take the lock or raise AlreadyRunningError naming the running agent's pid.
         Raises StateError when the lock file cannot be opened. Does not block."""
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # O_NOFOLLOW: a root agent never truncates what a planted symlink points to.
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+            fd = os.open(self.path, flags, 0o600)
         except OSError as exc:
             raise StateError(
-                f"{self.path}: cannot open the agent's lock file: {exc.strerror}"
+                f"{self.path}: cannot open the agent's lock file: {exc.strerror}; check the "
+                "state dir's owner, permissions and free space"
             ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -47,9 +50,16 @@ class InstanceLock:
                 "stop it first (systemctl stop argus-agent), or give this one another "
                 "agent.state_dir"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            self.release()
+            raise StateError(
+                f"{self.path}: cannot write the agent's lock file: {exc.strerror}; free space "
+                "on that filesystem (or fix its permissions) and start the agent again"
+            ) from None
 
     def release(self) -> None:
         """Drop the lock (the file stays; its content no longer matters)."""

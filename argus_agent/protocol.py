@@ -22,6 +22,7 @@ Only an answer that is not ``{"jobs": [...]}`` at all raises :class:`ProtocolErr
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -43,6 +44,9 @@ KNOWN_KINDS = ("rerun", "stop")
 MAX_COMMAND_CHARS = 4 * 1024 * 1024
 #: How deeply a command may nest (the command object is level 1; a rerun needs 3).
 MAX_DEPTH = 32
+#: Commands taken from one poll answer; the rest stay pending and come with the next poll,
+#: so a huge answer costs bounded time per poll.
+MAX_COMMANDS_PER_POLL = 1000
 #: The longest integer accepted, in digits (Python refuses to convert past 4300).
 MAX_INT_DIGITS = 100
 
@@ -104,7 +108,9 @@ def decode_commands(body: object) -> list[Command | MalformedCommand]:
         # Bytes that are not UTF-8 become lone surrogates, refused in the one item holding them.
         body = bytes(body).decode("utf-8", "surrogateescape")
     if isinstance(body, str):
-        return [decode_command_text(text, depth) for text, depth in split_jobs(body)]
+        body = body.removeprefix("\ufeff")  # a byte order mark some proxies add
+        items = itertools.islice(split_jobs(body), MAX_COMMANDS_PER_POLL)
+        return [decode_command_text(text, depth) for text, depth in items]
     if not isinstance(body, dict) or not isinstance(body.get("jobs"), list):
         raise ProtocolError("jobs poll answer is not an object with a 'jobs' list")
     return [decode_command(item) for item in body["jobs"]]

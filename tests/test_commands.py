@@ -44,7 +44,13 @@ from argus_agent.jobs.policy import UserDb
 from argus_agent.jobs.store import JobStore
 from argus_agent.jobs.supervisor import JobManager
 from argus_agent.ledger import CommandLedger
-from argus_agent.protocol import Command, MalformedCommand, decode_commands, split_jobs
+from argus_agent.protocol import (
+    MAX_COMMANDS_PER_POLL,
+    Command,
+    MalformedCommand,
+    decode_commands,
+    split_jobs,
+)
 from argus_agent.telemetry.manager import lifecycle_event_id
 from tests.support import (
     ArgusUser,
@@ -470,3 +476,62 @@ async def test_a_per_user_agent_counts_reruns_meant_for_another_user(
         await jobs.shutdown()
         ledger.close()
         await client.aclose()
+
+
+# -- review: bounded answers, and only requested batches are ended --------------------------
+
+
+def test_one_poll_takes_at_most_a_bounded_number_of_commands() -> None:
+    body = b"\xef\xbb\xbf" + b'{"jobs":[' + b",".join([b"{}"] * 5000) + b"]}"  # with a BOM
+    items = decode_commands(body)
+    assert len(items) == MAX_COMMANDS_PER_POLL
+    assert all(isinstance(item, MalformedCommand) for item in items)
+
+
+async def test_an_answer_without_end_is_cut_off_at_the_size_limit() -> None:
+    """A server (or proxy) that streams an endless 200 answer cannot fill the memory."""
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+        writer.write(b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"x" * (1 << 20)
+        with contextlib.suppress(ConnectionError):
+            while True:
+                writer.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                await writer.drain()
+
+    listener = await asyncio.start_server(endless, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    client = ArgusClient(f"http://127.0.0.1:{port}", timeout_s=30)
+    try:
+        with pytest.raises(ProtocolError, match="the answer is larger than 16 MiB"):
+            await client.poll("agent-1", "ag_live_x")
+    finally:
+        await client.aclose()
+        listener.close()
+        await listener.wait_closed()
+
+
+async def test_a_refused_rerun_never_ends_a_batch_that_is_no_longer_requested(
+    argus: ArgusUser, make_settings, user_token: str, server: DevServer
+) -> None:
+    """A stale or forged rerun naming a finished batch is refused, and the batch stays done."""
+    settings = make_settings(server={"token": user_token})
+    agent_id = await register(settings, user_token)
+    finished = argus.record_batch("echo done")
+    assert argus.batch(finished)["status"] == "done"
+    async with RunningAgent(settings):
+        cmd_id = server.inject_command(agent_id, "rerun", finished, {"command": None})
+        cmd = await eventually(
+            lambda: (
+                next((c for c in argus.commands(finished) if c["id"] == cmd_id), None)
+                if any(c["status"] == "failed" for c in argus.commands(finished))
+                else None
+            ),
+            what="the refusal",
+        )
+        assert cmd["status"] == "failed"
+        await asyncio.sleep(0.5)  # time for a report to go out, were one to be sent
+    assert argus.batch(finished)["status"] == "done"
+    assert server_events(server.url, finished, "batch_failed") == []

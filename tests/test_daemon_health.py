@@ -6,8 +6,10 @@ A fake ``NOTIFY_SOCKET`` (a real datagram socket) records what systemd would be 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from argus_agent import views
+from argus_agent.channels.poll import PollChannel
 from argus_agent.control import SOCKET_NAME
 from argus_agent.daemon import Agent
-from argus_agent.errors import LoopCrashedError
+from argus_agent.errors import LoopCrashedError, StateError
 from argus_agent.instance import InstanceLock
 from argus_agent.sender import EventSender
 from tests.support import AgentProcess, RunningAgent, agent_env, cli, eventually, register
@@ -199,3 +202,57 @@ async def test_a_start_up_failing_halfway_leaves_no_thread_or_file_behind(
         if os.path.exists(f"/proc/self/fd/{fd}")
     }
     assert not {path for path in opened if str(state) in path}, opened
+
+
+# -- review: crashes of inner loops, the lock on a full disk or through a symlink ----------
+
+
+async def test_a_crash_of_the_heartbeat_task_takes_the_daemon_down_too(
+    make_settings, user_token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(agent={"poll_interval_s": 0.1})
+    await register(settings, user_token)
+
+    async def broken(self: PollChannel, shutdown: asyncio.Event) -> None:
+        raise RuntimeError("heartbeat boom")
+
+    monkeypatch.setattr(PollChannel, "_heartbeat_loop", broken)
+    with pytest.raises(LoopCrashedError, match="the channel loop crashed: RuntimeError"):
+        await asyncio.wait_for(Agent(settings).run(asyncio.Event()), 30)
+
+
+def test_the_lock_file_is_never_followed_through_a_symlink(tmp_path: Path) -> None:
+    precious = tmp_path / "precious"
+    precious.write_text("keep me")
+    (tmp_path / "agent.lock").symlink_to(precious)
+    with pytest.raises(StateError, match="cannot open the agent's lock file"):
+        InstanceLock(tmp_path / "agent.lock").acquire()
+    assert precious.read_text() == "keep me"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_full_disk_at_the_lock_is_a_state_error_naming_the_file(tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], check=True)
+    try:
+        with contextlib.suppress(OSError), (disk / "filler").open("wb") as handle:
+            while True:
+                handle.write(b"\0" * 4096)
+                handle.flush()
+        lock = InstanceLock(disk / "agent.lock")
+        with pytest.raises(StateError) as caught:
+            lock.acquire()
+        assert str(caught.value).startswith(f"{disk / 'agent.lock'}: cannot write")
+        assert "free space" in str(caught.value)
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=False)
+
+
+def test_the_registered_server_is_recognised_however_its_url_is_spelled() -> None:
+    from argus_agent.daemon import _same_url
+
+    assert _same_url("http://127.0.0.1:8000", "HTTP://127.0.0.1:8000/")
+    assert _same_url("https://Argus.Example", "https://argus.example:443")
+    assert not _same_url("http://127.0.0.1:8000", "http://127.0.0.1:8001")
+    assert not _same_url("https://argus.example/a", "https://argus.example/b")

@@ -11,6 +11,7 @@ crash loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Callable
@@ -89,9 +90,12 @@ class PollChannel:
                         break
                 elif await sleep_unless(shutdown, delay):
                     break
+                if heartbeat.done():
+                    heartbeat.result()  # the heartbeat loop raised: the channel goes down too
         finally:
             heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
 
     async def poll_once(self) -> float:
         """One exchange: a poll, acting on what came, then acks still pending. Returns the
@@ -102,12 +106,14 @@ class PollChannel:
         """
         try:
             body = await self.client.poll(self.creds.agent_id, self.creds.agent_token)
-            items = decode_commands(body)
+            # Decoding is bounded (size, count) but CPU work: off the event loop.
+            items = await asyncio.to_thread(decode_commands, body)
         except ServerError as exc:
             return self._failed(exc)
         self._succeeded()
         ack_error: ServerError | None = None
         for item in items:
+            self.health.report("channel")  # each command (and its ack) is one bounded step
             try:
                 await self.dispatcher.handle(item, self._ack)
             except ServerError as exc:

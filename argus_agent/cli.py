@@ -86,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
         "demo", parents=[common], help="run a self-contained demo against a local reference server"
     )
     demo.add_argument("--keep", action="store_true", help="keep the demo's temp directory")
+    schema = sub.add_parser(
+        "schema",
+        parents=[common],
+        help="print the JSON Schema of the websocket protocol's messages",
+    )
+    schema.add_argument(
+        "--out", type=Path, metavar="DIR", help="write one schema file per direction into DIR"
+    )
     dev = sub.add_parser(
         "dev-server",
         parents=[common],
@@ -153,6 +161,8 @@ def _dispatch(command: str, args: argparse.Namespace) -> int:
         return _cmd_init(args)
     if command == "dev-server":
         return _cmd_dev_server(args)
+    if command == "schema":
+        return _cmd_schema(args.out)
     if command == "demo":
         from argus_agent.demo import run_demo
 
@@ -195,6 +205,25 @@ def _cmd_init(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise StateError(f"{path}: cannot write the config: {exc.strerror}") from None
     print(f"wrote {path}; edit server.url, then run `argus-agent config check`")
+    return 0
+
+
+def _cmd_schema(out: Path | None) -> int:
+    from argus_agent import wsproto
+
+    files = wsproto.schema_files()
+    if out is None:
+        schemas = {d.value: wsproto.json_schema(d) for d in wsproto.Direction}
+        print(json.dumps({"protocol": wsproto.SUBPROTOCOL, **schemas}, indent=2))
+        return 0
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, schema in files.items():
+            (out / name).write_text(json.dumps(schema, indent=2) + "\n")
+    except OSError as exc:
+        raise StateError(f"{out}: cannot write the schema: {exc.strerror}") from None
+    for name in files:
+        print(out / name)
     return 0
 
 

@@ -205,6 +205,7 @@ def test_batch_from_events_and_rerun_payload(env: Env) -> None:
     b = env.batch("b-1")
     assert (b["status"], b["host"], b["command"]) == ("running", "gpu-1", "python train.py lr=0.1")
     assert b["env_snapshot"]["cwd"] == "/work/exp" and b["owner"] == "alice"
+    assert b["user"] == "alice"  # the OS user the SDK recorded (source.user), as Argus keeps it
     agent_id, token = env.register("gpu-1")
 
     r = env.http.post("/api/batches/b-1/rerun", json={}, headers=bearer(env.token))
@@ -233,6 +234,7 @@ def test_batch_from_events_and_rerun_payload(env: Env) -> None:
     }
     nb = env.batch(new["batch_id"])
     assert (nb["status"], nb["source_batch_id"], nb["host"]) == ("requested", "b-1", "gpu-1")
+    assert nb["user"] == "alice", "a rerun batch copies its source's recorded user"
     # A second click while the command is pending returns the same rerun batch.
     again = env.http.post("/api/batches/b-1/rerun", json={}, headers=bearer(env.token)).json()
     assert again["batch_id"] == new["batch_id"] and len(env.commands()) == 1

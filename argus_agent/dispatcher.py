@@ -35,6 +35,7 @@ import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from argus_agent.audit import AuditLog
 from argus_agent.blocking import call_in_thread
@@ -305,7 +306,7 @@ class Dispatcher:
             running_jobs=len(self.jobs.running()),
             home=self.home,
             agent_account=self.agent_account,
-            batch_owner=await self._recorded_owner(command),
+            **await self._recorded_owner(command),
         )
         try:
             spec = await self._checked_spec(command, facts)
@@ -385,12 +386,14 @@ class Dispatcher:
             count=self.foreign_refusals.count,
         )
 
-    async def _recorded_owner(self, command: Command) -> BatchOwner | None:
-        """The OS user Argus recorded for the rerun batch, read from the server; None when it
-        cannot be read (no reporter token, no such batch for this token, server away): the
-        policy then falls back on the env snapshot's ``USER``."""
+    async def _recorded_owner(self, command: Command) -> dict[str, Any]:
+        """The OS user Argus recorded for the rerun batch, read from the server, as
+        HostFacts fields: ``batch_read`` tells the policy whether the batch could be read at
+        all (no reporter token, a batch this token may not see, the server away: then the
+        env snapshot's ``USER`` is used); a batch that was read but records no user has no
+        known owner."""
         if self.owner_lookup is None:
-            return None
+            return {"batch_owner": None, "batch_read": False}
         try:
             user = await asyncio.wait_for(
                 self.owner_lookup(command.batch_id), OWNER_LOOKUP_TIMEOUT_S
@@ -401,8 +404,8 @@ class Dispatcher:
                 batch_id=command.batch_id,
                 reason=str(exc) or type(exc).__name__,
             )
-            return None
-        return BatchOwner(user, "batch") if user else None
+            return {"batch_owner": None, "batch_read": False}
+        return {"batch_owner": BatchOwner(user, "batch") if user else None, "batch_read": True}
 
     def _audit(self, action: str, cmd: Command, who: str | None, **fields: object) -> None:
         self.audit.record(

@@ -72,6 +72,7 @@ def _spec(
     created_at: str | None = ISO_NOW,
     account: str | None = "alice",
     batch_owner: str | None = AUTO,
+    batch_read: bool | None = None,
     **jobs: object,
 ):
     """Build a spec as the agent of ``uid`` would. ``batch_owner`` is the OS user the server
@@ -98,6 +99,7 @@ def _spec(
             home=Path("/"),
             agent_account=account,
             batch_owner=BatchOwner(batch_owner, "batch") if batch_owner else None,
+            batch_read=batch_owner is not None if batch_read is None else batch_read,
         ),
         userdb=FakeUsers(),
     )
@@ -359,6 +361,20 @@ def test_owner_falls_back_on_the_env_snapshots_user_and_else_is_refused() -> Non
     assert spec.identity.user == "bob" and spec.owner == BatchOwner("bob", "env snapshot")
     with pytest.raises(PayloadError) as caught:
         _spec({"cwd": "/"}, uid=0, batch_owner=None, users={"alice": "alice"})
+    assert str(caught.value).startswith("cannot tell which OS user this batch ran as")
+
+
+def test_the_env_snapshot_is_not_asked_when_the_batch_was_read_and_names_no_user() -> None:
+    """The recording's USER is what the run's environment said; only where the batch itself
+    cannot be read does it stand in for the owner Argus recorded."""
+    with pytest.raises(PayloadError) as caught:
+        _spec(
+            {"cwd": "/", "env": {"USER": "bob"}},
+            uid=0,
+            batch_owner=None,
+            batch_read=True,
+            users={"alice": "*"},
+        )
     assert str(caught.value).startswith("cannot tell which OS user this batch ran as")
 
 

@@ -62,9 +62,11 @@ class HostFacts:
     home: Path
     #: The Argus account that registered this agent (per-user agents serve only it).
     agent_account: str | None = None
-    #: The OS user Argus recorded for the batch, as read from the server (None: unknown;
-    #: the env snapshot's ``USER`` is used then).
+    #: The OS user Argus recorded for the batch, as read from the server (None: none).
     batch_owner: BatchOwner | None = None
+    #: Whether the batch could be read from the server at all; only when it could not is
+    #: the env snapshot's ``USER`` taken as the owner.
+    batch_read: bool = False
 
 
 def job_base_env(environ: Mapping[str, str], *, keep_argus_token: bool) -> dict[str, str]:
@@ -101,7 +103,7 @@ def build_launch_spec(
     policy.check_host(payload.get("host"), settings.agent.hostname, settings.agent.host_aliases)
     argv, command_line = cmdline.build_argv(jobs.shell, raw_command, overrides)
     requested_by = payload.get("requested_by")
-    owner = facts.batch_owner or policy.owner_from_env(payload.get("env"))
+    owner = facts.batch_owner if facts.batch_read else policy.owner_from_env(payload.get("env"))
     identity = policy.resolve_identity(
         requested_by,
         owner,

@@ -114,6 +114,13 @@ def _parser() -> argparse.ArgumentParser:
         default=10.0,
         help="poll_interval_s the server hands to agents",
     )
+    dev.add_argument(
+        "--no-websocket",
+        dest="websocket",
+        action="store_false",
+        help="serve no websocket endpoint (GET /api/agents/{id}/ws answers HTTP 403, as from "
+        "an unmodified Argus v0.3.0), so agents fall back to REST polling",
+    )
     return parser
 
 
@@ -311,7 +318,7 @@ def _cmd_dev_server(args: argparse.Namespace) -> int:
             f"pip install '/path/to/argus-agent-checkout[server]' ({exc})"
         ) from None
     configure("info")
-    serve(args.host, args.port, args.db, args.user, args.poll_interval)
+    serve(args.host, args.port, args.db, args.user, args.poll_interval, websocket=args.websocket)
     return 0
 
 

@@ -3,7 +3,8 @@
 Routes, status codes and ``detail`` texts follow the real server (``backend/api/agents.py``,
 ``backend/api/batches.py``, ``backend/api/events.py``, ``backend/deps.py``), including its
 order of checks: user-token routes authenticate before validating the body; the agent routes
-validate the body first and check the agent token inside the handler.
+validate the body first and check the agent token inside the handler. The websocket endpoint
+(argus-agent's own protocol, absent from Argus v0.3.0) is :mod:`.ws`'s, mounted here.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the closure-local aliases below.
@@ -13,12 +14,15 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.responses import JSONResponse
 
+from argus_agent import wsproto
+
 from . import executor, ingest
 from .dev_routes import build_dev_router
 from .faults import FaultMiddleware, FaultRegistry
 from .ratelimit import TokenBucket, retry_after_header
 from .schemas import AckIn, BatchEventsIn, EventIn, HeartbeatIn, RegisterIn, RerunIn
 from .store import AGENT_PREFIX, REPORTER_PREFIX, VIEWER_PREFIX, ApiError, Principal, Store
+from .ws import WsFaults, WsHub, WsOptions
 
 _BEARER = {"WWW-Authenticate": "Bearer"}
 AuthHeader = Annotated[str | None, Header()]
@@ -74,15 +78,22 @@ def create_app(
     poll_interval_s: float = 10.0,
     rate_limiter: TokenBucket | None = None,
     faults: FaultRegistry | None = None,
+    ws: WsOptions | None = None,
+    ws_faults: WsFaults | None = None,
 ) -> FastAPI:
     """Build the app over *store*. *rate_limiter* None disables the ingest limit.
 
-    *faults* (a fresh registry when None) is exposed as ``app.state.faults``.
+    *faults* (a fresh registry when None) is exposed as ``app.state.faults``. *ws* configures
+    the websocket endpoint (default: served, ``argus-agent.v1``; ``WsOptions(enabled=False)``:
+    absent, as in Argus v0.3.0); its hub is ``app.state.ws_hub`` (None when absent).
     """
     faults = faults if faults is not None else FaultRegistry()
+    ws = ws if ws is not None else WsOptions()
     app = FastAPI(title="argus-agent dev server", docs_url=None, redoc_url=None)
     app.state.store = store
     app.state.faults = faults
+    hub = WsHub(store, ws, ws_faults or WsFaults()) if ws.enabled else None
+    app.state.ws_hub = hub
     app.state.rate_limiter = rate_limiter
     interval: int | float = (
         int(poll_interval_s) if float(poll_interval_s).is_integer() else poll_interval_s
@@ -188,35 +199,16 @@ def create_app(
 
     @app.post("/api/events/batch")
     async def post_events(body: BatchEventsIn, user: Reporter) -> Response:
-        accepted = rejected = 0
-        results: list[dict[str, Any]] = []
         outcomes = ingest.ingest_many(store, body.events, user.user_id)
-        for event, outcome in zip(body.events, outcomes, strict=True):
-            if isinstance(outcome, ApiError):
-                rejected += 1
-                results.append(
-                    {
-                        "event_id": event.event_id,
-                        "status": "rejected",
-                        "db_id": None,
-                        "error": str(outcome.detail),
-                    }
-                )
-                continue
-            # The real server counts de-duplicated events as accepted too.
-            accepted += 1
-            db_id, deduplicated = outcome
-            results.append(
-                {
-                    "event_id": event.event_id,
-                    "status": "deduplicated" if deduplicated else "accepted",
-                    "db_id": db_id,
-                    "error": None,
-                }
-            )
+        results = [
+            ingest.event_result(event.event_id, outcome)
+            for event, outcome in zip(body.events, outcomes, strict=True)
+        ]
         # Plain JSON: FastAPI's generic encoder walks 500 results slowly, for nothing here.
-        return JSONResponse({"accepted": accepted, "rejected": rejected, "results": results})
+        return JSONResponse(ingest.batch_answer(results))
 
-    app.include_router(build_dev_router(store, faults))
+    if hub is not None:
+        app.router.add_websocket_route(wsproto.ENDPOINT, hub.endpoint)
+    app.include_router(build_dev_router(store, faults, hub.status if hub is not None else None))
     app.add_middleware(FaultMiddleware, registry=faults)
     return app

@@ -4,6 +4,7 @@ Read-only listings for tests and the demo (agents, commands, events, batches), u
 fault injection, and a status override that stands in for the real server's watchdog.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter
@@ -14,14 +15,26 @@ from .schemas import DevStatusIn, DevUserIn, FaultIn
 from .store import Store
 
 
-def build_dev_router(store: Store, faults: FaultRegistry) -> APIRouter:
-    """Return the ``/api/_dev`` router over *store* and *faults*."""
+def build_dev_router(
+    store: Store,
+    faults: FaultRegistry,
+    ws_status: Callable[[str], dict[str, Any]] | None = None,
+) -> APIRouter:
+    """Return the ``/api/_dev`` router over *store* and *faults*; *ws_status* adds each
+    agent's websocket fields (``ws_connected``, ``ws_running_jobs``) to the agent listing."""
     router = APIRouter(prefix="/api/_dev", tags=["dev"])
 
     @router.get("/agents")
     async def agents() -> list[dict[str, Any]]:
-        """Every registered agent, with its owner and last_seen."""
-        return store.list_agents()
+        """Every registered agent, with its owner, last_seen and websocket state."""
+        rows = store.list_agents()
+        for row in rows:
+            row.update(
+                ws_status(row["agent_id"])
+                if ws_status is not None
+                else {"ws_connected": False, "ws_running_jobs": None}
+            )
+        return rows
 
     @router.get("/commands")
     async def commands(

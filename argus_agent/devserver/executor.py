@@ -9,7 +9,9 @@
   (200 with the current status, nothing queued); ``running`` / ``stalled`` / ``requested`` /
   ``pending`` become ``stopping``, pending rerun commands of the batch are cancelled and a
   ``stop`` command is queued for the host's agent; any other status is 409.
-* Commands stay ``pending`` (and come back on every poll) until acked once.
+* Commands stay ``pending`` (and come back on every poll) until acked once. One queue serves
+  both channels: a connected websocket gets each command pushed once per connection
+  (:func:`push_commands`), and an ack over either channel ends it (a second one is a 409).
 """
 
 from __future__ import annotations
@@ -39,14 +41,22 @@ def _load_owned_batch(db: sqlite3.Connection, batch_id: str, user: Principal) ->
 
 
 def _queue(
-    db: sqlite3.Connection, agent_id: str, batch_id: str, kind: str, payload: dict[str, Any]
+    store: Store,
+    db: sqlite3.Connection,
+    agent_id: str,
+    batch_id: str,
+    kind: str,
+    payload: dict[str, Any],
 ) -> str:
+    """Insert a pending command; the store tells its listeners (the websocket push) once the
+    transaction commits."""
     cmd_id = new_uuid()
     db.execute(
         "INSERT INTO commands (id, agent_id, batch_id, kind, payload, status, created_at) "
         "VALUES (?, ?, ?, ?, ?, 'pending', ?)",
         (cmd_id, agent_id, batch_id, kind, json.dumps(payload, ensure_ascii=False), utcnow_iso()),
     )
+    store.command_queued(agent_id)
     return cmd_id
 
 
@@ -54,7 +64,7 @@ def inject_command(store: Store, agent_id: str, kind: str, batch_id: str, payloa
     """Queue an arbitrary command for *agent_id*, bypassing every rule (dev only: tests use
     it to play a broken or hostile server). Returns the command id."""
     with store.tx() as db:
-        return _queue(db, agent_id, batch_id, kind, payload)
+        return _queue(store, db, agent_id, batch_id, kind, payload)
 
 
 def request_rerun(
@@ -138,7 +148,7 @@ def request_rerun(
                 "overrides": overrides,
                 "requested_by": user.username,
             }
-            _queue(db, agent["id"], new_id, "rerun", payload)
+            _queue(store, db, agent["id"], new_id, "rerun", payload)
     return {
         "batch_id": new_id,
         "source_batch_id": source_id,
@@ -176,7 +186,7 @@ def request_stop(store: Store, batch_id: str, user: Principal) -> dict[str, Any]
         )
         agent = store.agent_for_host(db, batch["host"])
         if agent is not None:
-            _queue(db, agent["id"], batch_id, "stop", {"requested_by": user.username})
+            _queue(store, db, agent["id"], batch_id, "stop", {"requested_by": user.username})
     return {"status": "stopping", "batch_id": batch_id}
 
 
@@ -195,16 +205,39 @@ def poll_commands(store: Store, agent_id: str) -> list[dict[str, Any]]:
                 "WHERE agent_id = ? AND status = 'pending'",
                 (agent_id,),
             )
-    return [
-        {
-            "id": r["id"],
-            "kind": r["kind"],
-            "batch_id": r["batch_id"],
-            "payload": loads_or(r["payload"], {}),
-            "created_at": r["created_at"],
-        }
-        for r in rows
-    ]
+    return [_command_item(r) for r in rows]
+
+
+def push_commands(store: Store, agent_id: str, pushed: set[str]) -> list[dict[str, Any]]:
+    """The websocket's poll: the agent's pending commands not in *pushed* (those already
+    pushed on this connection), oldest first, as :func:`poll_commands` gives them; bumps
+    their delivery count and the agent's last_seen."""
+    with store.tx() as db:
+        store.touch_agent(db, agent_id)
+        rows = [
+            r
+            for r in db.execute(
+                "SELECT * FROM commands WHERE agent_id = ? AND status = 'pending' ORDER BY seq",
+                (agent_id,),
+            ).fetchall()
+            if r["id"] not in pushed
+        ]
+        db.executemany(
+            "UPDATE commands SET deliveries = deliveries + 1 WHERE id = ?",
+            [(r["id"],) for r in rows],
+        )
+    return [_command_item(r) for r in rows]
+
+
+def _command_item(row: sqlite3.Row) -> dict[str, Any]:
+    """A command row as an item of ``GET /api/agents/{id}/jobs`` (and a pushed frame)."""
+    return {
+        "id": row["id"],
+        "kind": row["kind"],
+        "batch_id": row["batch_id"],
+        "payload": loads_or(row["payload"], {}),
+        "created_at": row["created_at"],
+    }
 
 
 def ack_command(

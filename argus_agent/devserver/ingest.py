@@ -53,25 +53,62 @@ def ingest_one(store: Store, event: EventIn, owner_id: int) -> tuple[int, bool]:
 def ingest_many(
     store: Store, events: list[EventIn], owner_id: int
 ) -> list[tuple[int, bool] | ApiError]:
-    """Store a batch of events in one transaction, each under its own savepoint, so one
-    refused event changes nothing while the others are kept. Returns, per event, its
-    ``(db_id, deduplicated)`` or the ApiError that refused it."""
-    results: list[tuple[int, bool] | ApiError] = []
+    """Store a batch of events in one transaction; one refused event changes nothing while
+    the others are kept. Returns, per event, its ``(db_id, deduplicated)`` or the ApiError
+    that refused it."""
     with store.tx() as db:
-        for event in events:
-            try:
-                _check_envelope(event)
-            except ApiError as exc:
-                results.append(exc)
-                continue
-            db.execute("SAVEPOINT one_event")
-            try:
-                results.append(_store_event(db, event, owner_id))
-            except ApiError as exc:
-                db.execute("ROLLBACK TO one_event")
-                results.append(exc)
-            db.execute("RELEASE one_event")
+        return ingest_many_in(db, events, owner_id)
+
+
+def ingest_many_in(
+    db: sqlite3.Connection, events: list[EventIn], owner_id: int
+) -> list[tuple[int, bool] | ApiError]:
+    """:func:`ingest_many` inside the caller's transaction (the websocket stores an events
+    frame and its confirmed seq together). Every check that can refuse an event runs before
+    it writes anything, so no savepoint is needed; a batch's stub row is written once."""
+    results: list[tuple[int, bool] | ApiError] = []
+    seen = _Seen(utcnow_iso())
+    ids = list({e.event_id for e in events if e.event_id})
+    for start in range(0, len(ids), 500):  # one query for the batch's duplicates
+        chunk = ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        for row in db.execute(
+            f"SELECT event_id, id FROM events WHERE event_id IN ({marks})", chunk
+        ):
+            seen.known[row["event_id"]] = int(row["id"])
+    seen.prefetched = True
+    for event in events:
+        try:
+            _check_envelope(event)
+            results.append(_store_event(db, event, owner_id, seen))
+        except ApiError as exc:
+            results.append(exc)
     return results
+
+
+def event_result(event_id: str | None, outcome: tuple[int, bool] | ApiError) -> dict[str, Any]:
+    """One item of the batch answer's ``results`` (REST batch and websocket confirm)."""
+    if isinstance(outcome, ApiError):
+        return {
+            "event_id": event_id,
+            "status": "rejected",
+            "db_id": None,
+            "error": str(outcome.detail),
+        }
+    db_id, deduplicated = outcome
+    return {
+        "event_id": event_id,
+        "status": "deduplicated" if deduplicated else "accepted",
+        "db_id": db_id,
+        "error": None,
+    }
+
+
+def batch_answer(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{accepted, rejected, results}`` of ``POST /api/events/batch``: de-duplicated events
+    count as accepted, as the real server counts them."""
+    rejected = sum(1 for r in results if r["status"] == "rejected")
+    return {"accepted": len(results) - rejected, "rejected": rejected, "results": results}
 
 
 def _check_envelope(event: EventIn) -> None:
@@ -88,16 +125,38 @@ def _check_envelope(event: EventIn) -> None:
         raise ApiError(422, EVENT_ID_REQUIRED)
 
 
-def _store_event(db: sqlite3.Connection, event: EventIn, owner_id: int) -> tuple[int, bool]:
-    row = db.execute("SELECT id FROM events WHERE event_id = ?", (event.event_id,)).fetchone()
-    if row is not None:
-        return int(row["id"]), True
+class _Seen:
+    """What one transaction already did: its received_at, the batches it stubbed and, once
+    ``prefetched``, every stored event_id of its events (with their row ids)."""
+
+    def __init__(self, now: str) -> None:
+        self.now = now
+        self.stubbed: set[str] = set()
+        self.known: dict[str, int] = {}
+        self.prefetched = False
+
+
+def _store_event(
+    db: sqlite3.Connection, event: EventIn, owner_id: int, seen: _Seen | None = None
+) -> tuple[int, bool]:
+    """Store one checked envelope: a known event_id is a duplicate (nothing checked or
+    written); else its data and job_id are checked (ApiError 422 / 400 before any write),
+    then it is inserted and applied."""
+    seen = seen if seen is not None else _Seen(utcnow_iso())
+    if event.event_id in seen.known:
+        return seen.known[event.event_id], True
+    if not seen.prefetched:
+        row = db.execute("SELECT id FROM events WHERE event_id = ?", (event.event_id,)).fetchone()
+        if row is not None:
+            return int(row["id"]), True
     model = DATA_MODELS.get(event.event_type)
     if model is not None:
         try:
             model.model_validate(event.data)
         except ValidationError as exc:
             raise ApiError(422, json.loads(exc.json())) from exc
+    if event.event_type in _JOB_EVENTS_NEED_ID and event.job_id is None:
+        raise ApiError(400, _JOB_EVENTS_NEED_ID[event.event_type])
     cur = db.execute(
         "INSERT INTO events (event_id, batch_id, job_id, event_type, timestamp, "
         "schema_version, source, data, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -110,11 +169,14 @@ def _store_event(db: sqlite3.Connection, event: EventIn, owner_id: int) -> tuple
             event.schema_version,
             _dumps(event.source.model_dump()),
             _dumps(event.data),
-            utcnow_iso(),
+            seen.now,
         ),
     )
-    _apply(db, event, owner_id)
-    return int(cur.lastrowid or 0), False
+    _apply(db, event, owner_id, seen)
+    db_id = int(cur.lastrowid or 0)
+    if event.event_id:
+        seen.known[event.event_id] = db_id
+    return db_id, False
 
 
 def record_server_event(
@@ -132,15 +194,13 @@ def record_server_event(
 # ---------------------------------------------------------------- side effects
 
 
-def _apply(db: sqlite3.Connection, event: EventIn, owner_id: int) -> None:
+def _apply(db: sqlite3.Connection, event: EventIn, owner_id: int, seen: _Seen) -> None:
     kind = event.event_type
-    if kind in _JOB_EVENTS_NEED_ID and event.job_id is None:
-        raise ApiError(400, _JOB_EVENTS_NEED_ID[kind])
     data = event.data
     if kind == "batch_start":
         _batch_start(db, event, owner_id)
     elif kind in ("batch_done", "batch_failed"):
-        _stub_batch(db, event, owner_id)
+        _stub_batch(db, event, owner_id, seen)
         status = "done" if kind == "batch_done" else "failed"
         error = data.get("error") if kind == "batch_failed" else None
         db.execute(
@@ -148,7 +208,7 @@ def _apply(db: sqlite3.Connection, event: EventIn, owner_id: int) -> None:
             (status, event.timestamp, error, event.batch_id),
         )
     elif kind in ("job_start", "job_epoch", "job_done", "job_failed"):
-        _stub_batch(db, event, owner_id)
+        _stub_batch(db, event, owner_id, seen)
         status = {
             "job_start": "running",
             "job_epoch": None,
@@ -166,9 +226,9 @@ def _apply(db: sqlite3.Connection, event: EventIn, owner_id: int) -> None:
                 (status, event.batch_id, event.job_id),
             )
     elif kind == "log_line":
-        _stub_batch(db, event, owner_id)
+        _stub_batch(db, event, owner_id, seen)
     elif kind == "env_snapshot":
-        _stub_batch(db, event, owner_id)
+        _stub_batch(db, event, owner_id, seen)
         db.execute(
             "UPDATE batches SET env_snapshot = ? WHERE id = ? AND env_snapshot IS NULL",
             (_dumps(data), event.batch_id),
@@ -176,8 +236,12 @@ def _apply(db: sqlite3.Connection, event: EventIn, owner_id: int) -> None:
     # resource_snapshot: stored per host in the real server; here only as the raw event.
 
 
-def _stub_batch(db: sqlite3.Connection, event: EventIn, owner_id: int) -> None:
-    """Create the event's batch (status running) when it does not exist yet."""
+def _stub_batch(db: sqlite3.Connection, event: EventIn, owner_id: int, seen: _Seen) -> None:
+    """Create the event's batch (status running) when it does not exist yet (once per
+    transaction: nothing deletes a batch)."""
+    if event.batch_id in seen.stubbed:
+        return
+    seen.stubbed.add(event.batch_id)
     src = event.source
     db.execute(
         "INSERT INTO batches (id, project, user, host, command, status, start_time, owner_id) "

@@ -2,13 +2,15 @@
 
 :class:`DevServer` binds its own socket (so ``port=0`` works and the real port is known),
 then runs uvicorn on it in a thread with its own event loop. The database outlives the
-server when it is a file: a new DevServer on the same file and port finds all data.
+server when it is a file: a new DevServer on the same file and port finds all data. It also
+configures uvicorn's websocket side (frame limit, pings, no compression) for :mod:`.ws`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import socket
 import sys
@@ -20,10 +22,13 @@ from typing import Any
 
 import uvicorn
 
+from argus_agent import wsproto
+
 from .app import create_app
 from .faults import FaultRegistry
 from .ratelimit import TokenBucket
 from .store import Store
+from .ws import WsFaults, WsHub, WsOptions
 
 _START_TIMEOUT_S = 15.0
 _STOP_TIMEOUT_S = 10.0
@@ -50,6 +55,12 @@ class DevServer:
 
     *ingest_rate_limit*: True for the real limit (burst 60, then 10/s per token), False for
     none, or ``(capacity, refill_per_s)``. Use as a context manager to start and stop it.
+
+    The websocket endpoint (``docs/protocol.md``): *websocket* False serves none (a websocket
+    request then gets HTTP 403, as from Argus v0.3.0), a :class:`WsOptions` tunes it (hello
+    timeout, bad-frame burst, re-check period); *ws_subprotocol* is the one version it speaks
+    (another, e.g. ``argus-agent.v2``, to test a mismatch). :attr:`ws_faults` arms websocket
+    faults (:class:`WsFaults`); :meth:`ws_connected` says whether an agent is connected.
     """
 
     def __init__(
@@ -59,6 +70,9 @@ class DevServer:
         port: int = 0,
         poll_interval_s: float = 10.0,
         ingest_rate_limit: bool | tuple[float, float] = True,
+        *,
+        websocket: bool | WsOptions = True,
+        ws_subprotocol: str | None = None,
     ) -> None:
         self.db_path = db_path
         self.host = host
@@ -71,6 +85,12 @@ class DevServer:
         else:
             self.rate_limiter = TokenBucket(*ingest_rate_limit)
         self.faults = FaultRegistry()
+        options = websocket if isinstance(websocket, WsOptions) else WsOptions(enabled=websocket)
+        if ws_subprotocol is not None:
+            options = dataclasses.replace(options, subprotocol=ws_subprotocol)
+        self.ws_options = options
+        self.ws_faults = WsFaults()
+        self._ws_hub: WsHub | None = None
         self.store: Store | None = None
         self._sock: socket.socket | None = None
         self._server: uvicorn.Server | None = None
@@ -117,7 +137,10 @@ class DevServer:
                 poll_interval_s=self.poll_interval_s,
                 rate_limiter=self.rate_limiter,
                 faults=self.faults,
+                ws=self.ws_options,
+                ws_faults=self.ws_faults,
             )
+            self._ws_hub = app.state.ws_hub
             config = uvicorn.Config(
                 app,
                 log_level="warning",
@@ -125,6 +148,11 @@ class DevServer:
                 access_log=False,
                 lifespan="off",
                 http="h11",
+                ws="websockets-sansio",
+                ws_max_size=wsproto.MAX_FRAME_BYTES,
+                ws_ping_interval=self.ws_options.ping_interval_s,
+                ws_ping_timeout=self.ws_options.ping_timeout_s,
+                ws_per_message_deflate=False,
                 loop="asyncio",
                 timeout_graceful_shutdown=2,
             )
@@ -158,7 +186,14 @@ class DevServer:
         with self._lock:
             self._teardown()
 
+    def ws_connected(self, agent_id: str) -> bool:
+        """Whether *agent_id* holds a websocket session (past hello) right now."""
+        return self._ws_hub is not None and self._ws_hub.connected(agent_id)
+
     def _teardown(self) -> None:
+        if self._ws_hub is not None and self.running:
+            self._ws_hub.close_all_threadsafe(wsproto.CloseCode.GOING_AWAY, "the server shuts down")
+        self._ws_hub = None
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:
@@ -211,12 +246,15 @@ def serve(
     db_path: str,
     users: list[str],
     poll_interval_s: float,
+    *,
+    websocket: bool = True,
 ) -> None:
     """Run a dev server in the foreground until SIGINT or SIGTERM (the ``dev-server`` command).
 
     Prints ``argus dev-server listening on <url>`` and then one ``user <name> token <token>``
-    line per user (each gets a fresh em_live token). Must be called from the main thread.
-    Raises OSError when the port is taken.
+    line per user (each gets a fresh em_live token). *websocket* False serves no websocket
+    endpoint (as Argus v0.3.0). Must be called from the main thread. Raises OSError when the
+    port is taken.
     """
     stop = threading.Event()
 
@@ -224,7 +262,13 @@ def serve(
         stop.set()
 
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    srv = DevServer(db_path=db_path, host=host, port=port, poll_interval_s=poll_interval_s)
+    srv = DevServer(
+        db_path=db_path,
+        host=host,
+        port=port,
+        poll_interval_s=poll_interval_s,
+        websocket=websocket,
+    )
     try:
         srv.start()
         print(f"argus dev-server listening on {srv.url}", flush=True)

@@ -7,23 +7,31 @@ and the user / token / agent rows. Batch, event and command rules live in
 One connection is shared by the server thread and the caller's thread (``create_user``), so
 every statement runs under :attr:`Store.lock`. Files use WAL; ``":memory:"`` lives as long as
 the :class:`Store`.
+
+It also owns the "a command was queued" signal: :meth:`Store.command_queued` inside a
+transaction calls every :attr:`Store.command_listeners` entry once that transaction has
+committed (the websocket endpoint pushes the command then), and the per-agent websocket
+``confirmed_seq``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+_log = logging.getLogger(__name__)
 
 REPORTER_PREFIX = "em_live_"
 VIEWER_PREFIX = "em_view_"
@@ -105,6 +113,10 @@ CREATE TABLE IF NOT EXISTS events (
     received_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS idx_events_batch ON events(batch_id);
+CREATE TABLE IF NOT EXISTS ws_sequences (
+    agent_id TEXT PRIMARY KEY REFERENCES agents(id),
+    confirmed_seq INTEGER NOT NULL  -- the highest events seq confirmed on the websocket
+);
 """
 
 
@@ -179,6 +191,10 @@ class Store:
         self.lock = threading.RLock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
+        #: Called with an agent id after a transaction that queued a command for it commits.
+        #: Called on the committing thread with :attr:`lock` held: must not block.
+        self.command_listeners: list[Callable[[str], None]] = []
+        self._queued: set[str] = set()
         with self.lock:
             if self.path != ":memory:":
                 self._db.execute("PRAGMA journal_mode=WAL")
@@ -199,9 +215,30 @@ class Store:
             try:
                 yield self._db
             except BaseException:
+                self._queued.clear()
                 self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._queued.clear()
+                raise
+            if self._queued:
+                queued, self._queued = self._queued, set()
+                for agent_id in sorted(queued):
+                    self._announce(agent_id)
+
+    def command_queued(self, agent_id: str) -> None:
+        """Inside :meth:`tx`: tell the listeners about *agent_id* once the transaction commits
+        (nothing is said when it rolls back)."""
+        self._queued.add(agent_id)
+
+    def _announce(self, agent_id: str) -> None:
+        for listener in list(self.command_listeners):
+            try:
+                listener(agent_id)
+            except Exception:  # a listener's failure must not fail the committed request
+                _log.exception("command listener failed")
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
@@ -345,6 +382,25 @@ class Store:
             (hostname,),
         ).fetchone()
         return row_dict(row)
+
+    @staticmethod
+    def confirmed_seq(db: sqlite3.Connection, agent_id: str) -> int | None:
+        """The highest websocket events seq confirmed to *agent_id*, or None when none was."""
+        row = db.execute(
+            "SELECT confirmed_seq FROM ws_sequences WHERE agent_id = ?", (agent_id,)
+        ).fetchone()
+        return None if row is None else int(row["confirmed_seq"])
+
+    @staticmethod
+    def raise_confirmed_seq(db: sqlite3.Connection, agent_id: str, seq: int) -> None:
+        """Record *seq* as confirmed to *agent_id* (inside the transaction that stored its
+        events); the stored value only ever grows."""
+        db.execute(
+            "INSERT INTO ws_sequences (agent_id, confirmed_seq) VALUES (?, ?) "
+            "ON CONFLICT (agent_id) DO UPDATE SET "
+            "confirmed_seq = MAX(confirmed_seq, excluded.confirmed_seq)",
+            (agent_id, seq),
+        )
 
     def list_agents(self) -> list[dict[str, Any]]:
         """Return every agent (dev listing), owner username included, no token material but

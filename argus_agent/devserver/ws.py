@@ -1,0 +1,568 @@
+"""The websocket endpoint ``GET /api/agents/{agent_id}/ws`` (protocol ``argus-agent.v1``).
+
+Owns the reference server's side of the protocol in ``docs/protocol.md`` ("The websocket
+protocol"); the messages, limits and codes are :mod:`argus_agent.wsproto`'s:
+
+- the upgrade: the agent token checked as on the REST agent routes, every refusal an HTTP 401
+  denial (never 403/404, which mean "no endpoint"); a request not offering the subprotocol
+  this server speaks is accepted without one and closed 4406 with a readable reason;
+- the handshake: ``hello`` within ``hello_timeout_s`` (else 4400), answered by ``welcome``
+  with the agent's persisted ``confirmed_seq``;
+- the session: every pending command pushed after welcome, then each new one the moment its
+  transaction commits (:class:`WsHub` listens to :attr:`Store.command_listeners`, from any
+  thread); ``ack`` frames through :func:`executor.ack_command` (one queue for both
+  channels); ``events`` frames through :func:`ingest.ingest_many_in`, stored with the
+  confirmed seq in one transaction; bad frames answered per :meth:`FrameError.reply`, more
+  than ``bad_frame_burst`` of them within ``bad_frame_window_s`` closed 1008;
+- liveness: the agent's last_seen is bumped on connect, on each frame and on every push
+  check (at least every ``recheck_s``, 2 s; uvicorn drops a connection whose pong is late);
+- :class:`WsOptions` (switches: no endpoint at all, another subprotocol) and
+  :class:`WsFaults` (test faults: refuse upgrades, drop a connection after N frames).
+
+Sequence numbers: an ``events`` frame is always stored (event_id de-duplication makes a
+resent frame safe: its events come back ``deduplicated``) and confirmed with its own seq; the
+stored ``confirmed_seq`` only grows, so a frame whose seq is not above it (a resend, or an
+agent that lost its state) is stored and confirmed without lowering it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import contextvars
+import json
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.responses import JSONResponse
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
+
+from argus_agent import __version__, wsproto
+from argus_agent.wsproto import CloseCode, ErrorCode, FrameError
+
+from . import executor, ingest
+from .schemas import EventIn
+from .store import ApiError, Store
+
+_log = logging.getLogger(__name__)
+
+#: The longest close reason a websocket close frame carries, in bytes of UTF-8.
+_MAX_CLOSE_REASON_BYTES = 123
+#: At most one last_seen bump per this many seconds for frames that write nothing else.
+_TOUCH_EVERY_S = 0.5
+_GONE = (WebSocketDisconnect, WebSocketDisconnected, OSError)
+
+#: Set in the ASGI task of an upgrade this endpoint refused with an HTTP denial.
+_denied: contextvars.ContextVar[bool] = contextvars.ContextVar("ws_denied", default=False)
+
+
+class _DenialNoiseFilter(logging.Filter):
+    """uvicorn's websockets-sansio protocol logs "ASGI callable returned without completing
+    handshake" at ERROR after every denial response (it never marks a denied handshake
+    complete); drop that one record, in the task of a denial only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_denied.get() and "without completing handshake" in str(record.msg))
+
+
+_DENIAL_FILTER = _DenialNoiseFilter()
+
+
+@dataclass(frozen=True)
+class WsOptions:
+    """How the endpoint behaves. ``enabled=False``: no endpoint (as Argus v0.3.0, whose
+    uvicorn answers a websocket request for an unknown path with HTTP 403)."""
+
+    enabled: bool = True
+    #: The one subprotocol this server speaks (tests set e.g. ``argus-agent.v2``).
+    subprotocol: str = wsproto.SUBPROTOCOL
+    hello_timeout_s: float = wsproto.HELLO_TIMEOUT_S
+    #: What welcome announces; the runner configures uvicorn's pings with the same values.
+    ping_interval_s: float = wsproto.PING_INTERVAL_S
+    ping_timeout_s: float = wsproto.PING_TIMEOUT_S
+    bad_frame_burst: int = wsproto.BAD_FRAME_BURST
+    bad_frame_window_s: float = wsproto.BAD_FRAME_WINDOW_S
+    #: How often a session without a wake-up re-checks the queue (a safety net: commands
+    #: are pushed on commit), re-checks the token (4401) and bumps the agent's last_seen.
+    recheck_s: float = wsproto.PING_INTERVAL_S
+
+
+class WsFaults:
+    """Faults of the websocket endpoint, armed by tests from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._drops: collections.deque[int] = collections.deque()
+        self._rejects: collections.deque[tuple[int, str | None]] = collections.deque()
+        #: Members merged into (or replacing those of) every welcome, e.g. ``{"protocol": 2}``.
+        self.welcome_extra: dict[str, Any] | None = None
+
+    def drop_after(self, frames: int, connections: int = 1) -> None:
+        """The next *connections* sessions are closed 1011 right after handling their
+        *frames*-th frame after hello: that frame is acted on (events stored, ack recorded)
+        but not answered, as when a server dies between storing and confirming."""
+        if frames < 1:
+            raise ValueError("frames must be at least 1")
+        with self._lock:
+            self._drops.extend([frames] * connections)
+
+    def reject_upgrades(self, status: int, count: int = 1, detail: str | None = None) -> None:
+        """Answer the next *count* upgrade requests with HTTP *status* (before auth)."""
+        with self._lock:
+            self._rejects.extend([(status, detail)] * count)
+
+    def clear(self) -> None:
+        """Disarm every fault."""
+        with self._lock:
+            self._drops.clear()
+            self._rejects.clear()
+            self.welcome_extra = None
+
+    def take_drop(self) -> int | None:
+        """The drop armed for a new session, if any (consumed)."""
+        with self._lock:
+            return self._drops.popleft() if self._drops else None
+
+    def take_reject(self) -> tuple[int, str | None] | None:
+        """The refusal armed for a new upgrade request, if any (consumed)."""
+        with self._lock:
+            return self._rejects.popleft() if self._rejects else None
+
+
+def close_reason(text: str) -> str:
+    """*text* cut to what a close frame carries (123 bytes of UTF-8)."""
+    raw = text.encode("utf-8")
+    if len(raw) <= _MAX_CLOSE_REASON_BYTES:
+        return text
+    return raw[: _MAX_CLOSE_REASON_BYTES - 3].decode("utf-8", "ignore") + "..."
+
+
+def _trim(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class WsHub:
+    """The connected agents of one app, and the wake-up when a command is queued for one.
+
+    Lives on the uvicorn loop; :meth:`notify` (a :attr:`Store.command_listeners` entry) and
+    :meth:`connected` may be called from any thread.
+    """
+
+    def __init__(self, store: Store, options: WsOptions, faults: WsFaults) -> None:
+        self.store = store
+        self.options = options
+        self.faults = faults
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._sessions: dict[str, _Session] = {}  # agent_id -> the session that said hello
+        self._live: set[_Session] = set()  # every accepted connection, hello or not
+        store.command_listeners.append(self.notify)
+
+    # -- any thread ----------------------------------------------------------------------------
+
+    def notify(self, agent_id: str) -> None:
+        """A command for *agent_id* was committed: wake its session's push (thread-safe)."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody listens
+            loop.call_soon_threadsafe(self._wake, agent_id)
+
+    def connected(self, agent_id: str) -> bool:
+        """Whether *agent_id* has a websocket session past hello."""
+        return agent_id in self._sessions
+
+    def status(self, agent_id: str) -> dict[str, Any]:
+        """The dev listing's websocket fields of *agent_id*."""
+        session = self._sessions.get(agent_id)
+        hello = session.hello if session is not None else None
+        return {
+            "ws_connected": session is not None,
+            "ws_running_jobs": (
+                [job.model_dump() for job in hello.running_jobs] if hello is not None else None
+            ),
+        }
+
+    def close_all_threadsafe(self, code: int, reason: str, timeout: float = 2.0) -> None:
+        """Close every connection with *code* from another thread (server shutdown: 1001)."""
+        loop = self.loop
+        if loop is None or loop.is_closed() or not self._live:
+            return
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self.close_all(code, reason), loop).result(timeout)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _wake(self, agent_id: str) -> None:
+        session = self._sessions.get(agent_id)
+        if session is not None:
+            session.wake.set()
+
+    async def close_all(self, code: int, reason: str) -> None:
+        """Close every connection with *code*."""
+        await asyncio.gather(*(s.close(code, reason) for s in list(self._live)))
+
+    def _register(self, session: _Session) -> _Session | None:
+        old = self._sessions.get(session.agent_id)
+        self._sessions[session.agent_id] = session
+        return old if old is not session else None
+
+    def _unregister(self, session: _Session) -> None:
+        if self._sessions.get(session.agent_id) is session:
+            del self._sessions[session.agent_id]
+
+    async def endpoint(self, websocket: WebSocket) -> None:
+        """The ASGI websocket route: refuse, or accept and run a session to its end."""
+        self.loop = asyncio.get_running_loop()
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        if _DENIAL_FILTER not in uvicorn_log.filters:
+            uvicorn_log.addFilter(_DENIAL_FILTER)
+        agent_id = str(websocket.path_params.get("agent_id", ""))
+        rejected = self.faults.take_reject()
+        if rejected is not None:
+            status, detail = rejected
+            _denied.set(True)
+            await websocket.send_denial_response(
+                JSONResponse({"detail": detail or "injected fault"}, status_code=status)
+            )
+            return
+        authorization = websocket.headers.get("authorization")
+        try:
+            # Local import: app imports this module.
+            from .app import authenticate_agent
+
+            agent = authenticate_agent(self.store, authorization, agent_id)
+        except ApiError as exc:
+            _log.info("websocket of %s refused: %s", agent_id[:64], exc.detail)
+            _denied.set(True)
+            await websocket.send_denial_response(
+                JSONResponse(
+                    {"detail": exc.detail},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            )
+            return
+        offered = list(websocket.scope.get("subprotocols") or [])
+        if self.options.subprotocol not in offered:
+            shown = ", ".join(repr(p[:40]) for p in offered[:4]) or "none"
+            reason = f"unsupported protocol {shown}; this server speaks {self.options.subprotocol}"
+            _log.warning("websocket of %s closed 4406: %s", agent_id, reason)
+            await websocket.accept()
+            with contextlib.suppress(*_GONE):
+                await websocket.close(CloseCode.UNSUPPORTED_VERSION, close_reason(reason))
+            return
+        await websocket.accept(subprotocol=self.options.subprotocol)
+        token = (authorization or "")[7:].strip()
+        session = _Session(self, websocket, agent, token)
+        self._live.add(session)
+        try:
+            await session.run()
+        finally:
+            self._live.discard(session)
+            self._unregister(session)
+
+
+class _Session:
+    """One accepted connection of one agent."""
+
+    def __init__(self, hub: WsHub, ws: WebSocket, agent: dict[str, Any], token: str) -> None:
+        self.hub = hub
+        self.store = hub.store
+        self.options = hub.options
+        self.ws = ws
+        self.agent_id: str = agent["id"]
+        self.owner_id: int = int(agent["owner_id"])
+        self.token = token
+        self.hello: wsproto.Hello | None = None
+        self.wake = asyncio.Event()
+        self.closed = False
+        self.pushed: set[str] = set()  # command ids pushed on this connection
+        self._send_lock = asyncio.Lock()
+        self._bad: collections.deque[float] = collections.deque()
+        self._touched = 0.0
+        self._frames = 0
+        self._drop_after: int | None = None
+
+    # -- sending -------------------------------------------------------------------------------
+
+    async def send(self, message: wsproto.Message | dict[str, Any] | str) -> None:
+        """Send one frame; a connection already gone or closing swallows it."""
+        if isinstance(message, str):
+            text = message
+        elif isinstance(message, dict):
+            text = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+        else:
+            text = wsproto.encode_frame(message)
+        async with self._send_lock:
+            if self.closed:
+                return
+            try:
+                await self.ws.send_text(text)
+            except _GONE:
+                self.closed = True
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close with *code* and a readable *reason* (once; later calls do nothing)."""
+        async with self._send_lock:
+            if self.closed:
+                return
+            self.closed = True
+            with contextlib.suppress(*_GONE, RuntimeError):
+                await self.ws.close(code, close_reason(reason))
+
+    async def _error(self, code: ErrorCode, reason: str, ref: str | None = None) -> None:
+        await self.send(wsproto.ErrorMsg(code=code, reason=_trim(reason, 1000), ref=ref))
+
+    # -- the session ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Handshake, then serve frames and push commands until either side ends it."""
+        pusher: asyncio.Task[None] | None = None
+        try:
+            if not await self._handshake():
+                return
+            pusher = asyncio.create_task(self._push_loop(), name=f"ws-push-{self.agent_id}")
+            await self._receive_loop()
+        except _GONE:
+            pass
+        except Exception:  # a bug here must end this connection only, never the server
+            _log.exception("websocket session of %s failed", self.agent_id)
+            await self.close(CloseCode.INTERNAL, "the server failed; reconnect")
+        finally:
+            self.closed = True
+            if pusher is not None:
+                pusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError, *_GONE):
+                    await pusher
+
+    async def _receive(self) -> dict[str, Any] | None:
+        """The next frame's ASGI message, or None when the connection ended."""
+        message = await self.ws.receive()
+        return None if message["type"] == "websocket.disconnect" else message
+
+    async def _handshake(self) -> bool:
+        try:
+            message = await asyncio.wait_for(self._receive(), self.options.hello_timeout_s)
+        except TimeoutError:
+            await self.close(
+                CloseCode.PROTOCOL, f"no hello within {self.options.hello_timeout_s:g} s"
+            )
+            return False
+        if message is None:
+            return False
+        decoded = _decode(message)
+        if isinstance(decoded, FrameError):
+            reply = decoded.reply()
+            if reply is not None:
+                await self.send(reply)
+            await self.close(
+                CloseCode.PROTOCOL, f"the first frame must be a valid hello ({decoded.code})"
+            )
+            return False
+        if not isinstance(decoded, wsproto.Hello):
+            if not isinstance(decoded, wsproto.ErrorMsg):
+                await self._error(
+                    ErrorCode.OUT_OF_ORDER,
+                    f"'{decoded.type}' before hello; the first frame is hello",
+                )
+            await self.close(CloseCode.PROTOCOL, f"'{decoded.type}' before hello")
+            return False
+        if decoded.agent_id != self.agent_id:
+            await self._error(
+                ErrorCode.BAD_FIELD, "hello.agent_id is not the agent of the path and the token"
+            )
+            await self.close(CloseCode.PROTOCOL, "hello for another agent")
+            return False
+        self.hello = decoded
+        with self.store.tx() as db:
+            self.store.touch_agent(db, self.agent_id)
+            confirmed = Store.confirmed_seq(db, self.agent_id)
+        self._touched = time.monotonic()
+        if decoded.last_confirmed_seq is not None and decoded.last_confirmed_seq > (confirmed or 0):
+            _log.info(
+                "agent %s saw seq %d confirmed; this server holds %s (its data was reset?)",
+                self.agent_id,
+                decoded.last_confirmed_seq,
+                confirmed,
+            )
+        old = self.hub._register(self)
+        if old is not None:
+            await old.close(
+                CloseCode.REPLACED, "a newer connection of this agent replaced this one"
+            )
+        welcome = wsproto.Welcome(
+            server_version=f"argus-agent-devserver {__version__}"[:64],
+            ping_interval_s=float(self.options.ping_interval_s),
+            ping_timeout_s=float(self.options.ping_timeout_s),
+            confirmed_seq=confirmed,
+        )
+        extra = self.hub.faults.welcome_extra
+        await self.send({**welcome.model_dump(), **extra} if extra else welcome)
+        self._drop_after = self.hub.faults.take_drop()
+        _log.info("agent %s connected over websocket (confirmed_seq %s)", self.agent_id, confirmed)
+        return not self.closed
+
+    async def _receive_loop(self) -> None:
+        while not self.closed:
+            message = await self._receive()
+            if message is None:
+                return
+            self._frames += 1
+            drop = self._drop_after is not None and self._frames >= self._drop_after
+            decoded = _decode(message)
+            answer: wsproto.Message | None = None
+            if isinstance(decoded, FrameError):
+                if await self._bad_frame(decoded, answer=not drop):
+                    return
+            elif isinstance(decoded, wsproto.Hello):
+                await self._error(ErrorCode.OUT_OF_ORDER, "a second hello on one connection")
+                await self.close(CloseCode.PROTOCOL, "a second hello")
+                return
+            elif isinstance(decoded, wsproto.Ack):
+                answer = self._ack(decoded)
+            elif isinstance(decoded, wsproto.Events):
+                answer = self._events(decoded)
+                if answer is None:
+                    await self._error(
+                        ErrorCode.INTERNAL,
+                        "the server could not store this frame",
+                        str(decoded.seq),
+                    )
+                    await self.close(CloseCode.INTERNAL, "could not store events; reconnect")
+                    return
+            elif isinstance(decoded, wsproto.ErrorMsg):
+                _log.debug("agent %s reported %s: %s", self.agent_id, decoded.code, decoded.reason)
+            if not isinstance(decoded, wsproto.Ack | wsproto.Events):
+                self._touch()
+            if drop:
+                _log.info("fault: dropping %s after %d frames", self.agent_id, self._frames)
+                await self.close(
+                    CloseCode.INTERNAL, f"fault injected: dropped after {self._frames} frames"
+                )
+                return
+            if answer is not None:
+                await self.send(answer)
+
+    async def _bad_frame(self, error: FrameError, *, answer: bool) -> bool:
+        """Answer a frame that did not decode; True when the burst limit closed the
+        connection."""
+        now = time.monotonic()
+        self._bad.append(now)
+        while self._bad and now - self._bad[0] > self.options.bad_frame_window_s:
+            self._bad.popleft()
+        reply = error.reply()
+        if reply is not None and answer:
+            await self.send(reply)
+        if len(self._bad) > self.options.bad_frame_burst:
+            _log.warning("agent %s sent too many bad frames; closing 1008", self.agent_id)
+            await self.close(
+                CloseCode.POLICY,
+                f"more than {self.options.bad_frame_burst} bad frames within "
+                f"{self.options.bad_frame_window_s:g} s",
+            )
+            return True
+        return False
+
+    def _touch(self) -> None:
+        now = time.monotonic()
+        if now - self._touched >= _TOUCH_EVERY_S:
+            self._touched = now
+            with self.store.tx() as db:
+                self.store.touch_agent(db, self.agent_id)
+
+    def _ack(self, ack: wsproto.Ack) -> wsproto.AckResult:
+        """The REST ack's rules and answers (200/409/404/400 as ok/conflict/not_found/invalid)."""
+        try:
+            executor.ack_command(
+                self.store, self.agent_id, ack.cmd_id, ack.status, ack.pid, ack.error
+            )
+        except ApiError as exc:
+            self._touch()
+            return wsproto.AckResult.from_http_status(ack.cmd_id, exc.status_code, str(exc.detail))
+        self._touched = time.monotonic()
+        return wsproto.AckResult(cmd_id=ack.cmd_id, result="ok")
+
+    def _events(self, frame: wsproto.Events) -> wsproto.Confirm | None:
+        """Store the frame's events and its seq in one transaction; the confirm, or None when
+        the database failed (nothing of the frame is then stored)."""
+        results: list[dict[str, Any] | None] = [None] * len(frame.events)
+        valid: list[tuple[int, EventIn]] = []
+        for index, raw in enumerate(frame.events):
+            try:
+                valid.append((index, EventIn.model_validate(raw)))
+            except ValidationError as exc:
+                first = exc.errors(include_url=False)[0]
+                where = ".".join(str(p) for p in first["loc"]) or "event"
+                event_id = raw.get("event_id")
+                results[index] = {
+                    "event_id": event_id
+                    if isinstance(event_id, str) and len(event_id) <= 128
+                    else None,
+                    "status": "rejected",
+                    "db_id": None,
+                    "error": _trim(f"{where}: {first['msg']}", wsproto.MAX_ACK_ERROR_CHARS),
+                }
+        try:
+            with self.store.tx() as db:
+                outcomes = ingest.ingest_many_in(db, [event for _, event in valid], self.owner_id)
+                Store.raise_confirmed_seq(db, self.agent_id, frame.seq)
+                Store.touch_agent(db, self.agent_id)
+        except sqlite3.Error:
+            _log.exception("could not store events frame %d of %s", frame.seq, self.agent_id)
+            return None
+        self._touched = time.monotonic()
+        for (index, event), outcome in zip(valid, outcomes, strict=True):
+            result = ingest.event_result(event.event_id, outcome)
+            if result["error"] is not None:
+                result["error"] = _trim(result["error"], wsproto.MAX_ACK_ERROR_CHARS)
+            results[index] = result
+        answer = ingest.batch_answer([r for r in results if r is not None])
+        return wsproto.Confirm.from_rest(frame.seq, answer)
+
+    async def _push_loop(self) -> None:
+        """Push every pending command not yet pushed on this connection, then wait for the
+        next one; every ``recheck_s`` without one, re-check (and check the token)."""
+        try:
+            await self._push_until_closed()
+        except asyncio.CancelledError:
+            raise
+        except _GONE:
+            self.closed = True
+        except Exception:  # e.g. the database failed: end this connection, not the server
+            _log.exception("websocket push to %s failed", self.agent_id)
+            await self.close(CloseCode.INTERNAL, "the server failed; reconnect")
+
+    async def _push_until_closed(self) -> None:
+        while not self.closed:
+            self.wake.clear()
+            for item in executor.push_commands(self.store, self.agent_id, self.pushed):
+                self.pushed.add(item["id"])
+                await self.send({"type": "command", **item})
+            self._touched = time.monotonic()
+            try:
+                await asyncio.wait_for(self.wake.wait(), self.options.recheck_s)
+            except TimeoutError:
+                agent = self.store.agent_for_token(self.token)
+                if agent is None or agent["id"] != self.agent_id:
+                    await self._error(
+                        ErrorCode.UNAUTHORIZED, "the agent token was rotated or revoked"
+                    )
+                    await self.close(
+                        CloseCode.UNAUTHORIZED, "the agent token was rotated or revoked"
+                    )
+                    return
+
+
+def _decode(message: dict[str, Any]) -> wsproto.Message | FrameError:
+    text = message.get("text")
+    if text is None:
+        return FrameError(
+            ErrorCode.BAD_JSON, "a binary frame; every message is JSON in a text frame"
+        )
+    return wsproto.decode_frame(text, wsproto.Direction.TO_SERVER)

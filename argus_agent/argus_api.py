@@ -79,6 +79,8 @@ class ArgusClient:
         self._retired.clear()
         for pool in pools:
             await pool.aclose()
+        for task in self._closing:  # their pools are closed above: nothing left to wait for
+            task.cancel()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 

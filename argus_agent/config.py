@@ -67,6 +67,10 @@ class ServerSettings(_Section):
     token_file: Path | None = None
     allow_insecure_http: bool = False
     timeout_s: float = Field(default=10.0, gt=0, le=300)
+    #: How commands reach the agent: ``auto`` (the websocket when the server offers it, else
+    #: REST polling, probing the websocket again every 10 minutes), ``websocket`` (only the
+    #: websocket, never polling) or ``poll`` (only REST polling, as Argus v0.3.0).
+    transport: Literal["auto", "websocket", "poll"] = "auto"
 
     @field_validator("url")
     @classmethod

@@ -17,8 +17,12 @@ Signals are the CLI's business: it sets the event (tests set it directly).
 Tasks and threads, and who owns them::
 
     event loop (main thread)
-    ├── channel        PollChannel.run: poll → dispatcher → acks    (+ its heartbeat task)
-    ├── sender         EventSender.run: outbox → POST /api/events/batch
+    ├── channel        server.transport = "poll": PollChannel.run: poll → dispatcher → acks
+    │                  (+ its heartbeat task); "auto"/"websocket": AutoChannel.run (channels/
+    │                  auto.py): websocket sessions (receive loop, command worker, ticker),
+    │                  polls while auto has no websocket (+ its heartbeat task)
+    ├── sender         EventSender.run: outbox → events frames on the websocket while it is
+    │                  open, else POST /api/events/batch
     ├── telemetry      Telemetry.run: sampler, log tailer, drop notices (one task each)
     ├── housekeeping   watchdog (only while ``health`` is good), STATUS=, reaping, pruning
     ├── job watchers   JobManager: one per job (shim exit, takeover of a job whose shim died)
@@ -52,7 +56,8 @@ from argus_agent import __version__
 from argus_agent.argus_api import ArgusClient
 from argus_agent.audit import AuditLog
 from argus_agent.backoff import Backoff
-from argus_agent.channels.base import sleep_unless
+from argus_agent.channels.auto import AutoChannel, make_channel
+from argus_agent.channels.base import Channel, sleep_unless
 from argus_agent.channels.poll import PollChannel
 from argus_agent.config import ServerSettings, Settings
 from argus_agent.control import SOCKET_NAME, ControlServer
@@ -89,7 +94,7 @@ HOUSEKEEPING_S = 5.0
 class _Serving:
     """What start-up hands to serving."""
 
-    channel: PollChannel
+    channel: Channel
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -153,6 +158,8 @@ class Agent:
         self.jobs: JobManager | None = None
         self.state: AgentState | None = None
         self.dispatcher: Dispatcher | None = None
+        #: The command channel (``server.transport``: PollChannel or AutoChannel).
+        self.channel: PollChannel | AutoChannel | None = None
         #: Progress of the long-running loops; the watchdog is fed only while all are healthy.
         self.health = Health(settings.agent.stall_timeout_s)
         self._reported_stuck: list[str] = []
@@ -262,7 +269,8 @@ class Agent:
             on_launch_failed=functools.partial(self._report_refused_rerun, client, reporter_token),
         )
         self.dispatcher = dispatcher
-        channel = PollChannel(
+        channel = make_channel(
+            settings.server.transport,
             client,
             creds,
             dispatcher,
@@ -272,6 +280,9 @@ class Agent:
             reload_credentials=self._load_credentials if self._credentials is None else None,
         )
         channel.health = self.health
+        self.channel = channel
+        if not isinstance(channel, PollChannel):
+            self.sender.transport = channel  # events go over the websocket while it is open
         control = ControlServer(state_dir / SOCKET_NAME, self.snapshot)
         try:
             await control.start()
@@ -287,8 +298,9 @@ class Agent:
             readopted_jobs=len(adopted),
             ended_while_away=len(ended_meanwhile),
             gpu=gpu.backend.name,
+            transport=settings.server.transport,
         )
-        self.notifier.ready(f"polling {settings.server.url}")
+        self.notifier.ready(f"serving {settings.server.url} ({settings.server.transport})")
         self.ready.set()
         return _Serving(channel)
 

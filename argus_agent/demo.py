@@ -2,8 +2,10 @@
 
 Starts the reference server and an agent, records a sample batch the way Argus' SDK does,
 presses Rerun, shows the job running, its log and its telemetry in Argus, presses Stop, shows
-it stopped (and the batch leaving ``stopping``), and prints a summary. Nothing leaves
-127.0.0.1; everything lives in a temp directory.
+it stopped (and the batch leaving ``stopping``), and prints a summary. It says which channel
+carried the commands (the websocket, or polling and why) and how long the rerun took to reach
+the job (from pressing Rerun to the job's process running). Nothing leaves 127.0.0.1;
+everything lives in a temp directory.
 """
 
 from __future__ import annotations
@@ -92,9 +94,7 @@ async def _demo(server: Any, workdir: Path) -> int:
         # to that user, and refuses root unless allowed; run as root, the demo maps alice to
         # root and allows root for its own sample job.
         jobs.update(users={"alice": "root"}, allow_root=True)
-        step.say(
-            "running as root: the demo sets jobs.users = {alice = 'root'} and jobs.allow_root"
-        )
+        step.say("running as root: the demo sets jobs.users = {alice = 'root'} and jobs.allow_root")
     settings = Settings.model_validate(
         {
             # The reporter token also lets the agent send the job's telemetry.
@@ -114,7 +114,10 @@ async def _demo(server: Any, workdir: Path) -> int:
     shutdown = asyncio.Event()
     agent_task = asyncio.create_task(agent.run(shutdown))
     await asyncio.wait_for(agent.ready.wait(), 10)
-    step.say("agent running, polling the server for commands")
+    assert agent.state is not None
+    channel = agent.state.channel
+    await _wait(lambda: channel.state == "connected", "the agent to reach the server", 10)
+    step.say(f"agent running, {_channel_words(channel)}")
 
     http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"})
     try:
@@ -125,6 +128,7 @@ async def _demo(server: Any, workdir: Path) -> int:
         source = _record_batch(http, hostname, command, str(project_dir))
         step.say(f"recorded batch {source}: `{command}` in {project_dir}")
 
+        pressed_at = time.time()
         answer = http.post(
             f"/api/batches/{source}/rerun", json={"overrides": {"lr": 0.001, "optim.name": "adam"}}
         )
@@ -143,6 +147,11 @@ async def _demo(server: Any, workdir: Path) -> int:
         record = agent.jobs.get(rerun) if agent.jobs else None
         if record is None:
             raise AgentError("demo: the agent has no job for the rerun")
+        reached_s = (record.started_at or record.launched_at) - pressed_at
+        used = "the websocket" if channel.kind == "websocket" else "polling"
+        step.say(
+            f"the rerun reached the job {reached_s * 1000:.0f} ms after pressing Rerun ({used})"
+        )
         log_path = Path(record.log_path)
         await _wait(lambda: log_path.read_text().count("epoch") >= 4, "a few epochs", 10)
         step.say(f"job log {log_path}:")
@@ -195,6 +204,10 @@ async def _demo(server: Any, workdir: Path) -> int:
     print()
     print("summary:")
     print(f"  rerun of {source} ran as {rerun}: pid {ended.pid}")
+    print(
+        f"  channel: {_channel_words(channel)}; the rerun reached the job "
+        f"{reached_s * 1000:.0f} ms after pressing Rerun"
+    )
     print(f"  command line: {ended.command_line}")
     print(f"  job: {ended.describe_exit()}")
     print(
@@ -207,6 +220,14 @@ async def _demo(server: Any, workdir: Path) -> int:
         + f"; total {step.timeline[-1][0]:.1f}s"
     )
     return 0
+
+
+def _channel_words(channel: Any) -> str:
+    """E.g. ``commands pushed over the websocket (argus-agent.v1)``."""
+    if channel.kind == "websocket":
+        return "commands pushed over the websocket (argus-agent.v1)"
+    why = f" ({channel.why})" if channel.why else ""
+    return f"polling the server for commands every {channel.poll_interval_s:g} s{why}"
 
 
 def _record_batch(http: httpx.Client, host: str, command: str, cwd: str) -> str:

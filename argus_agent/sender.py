@@ -10,6 +10,15 @@ logged once and retried every ``agent.auth_retry_s``. A request refused for what
 proxy) is narrowed down by sending the events one at a time, so one bad event never blocks the
 rest. Without a reporter token nothing is sent: events stay in the outbox (bounded) and the
 agent says so once, in its log and its status.
+
+Transport seam: while ``transport`` (an :class:`EventsTransport`, the websocket channel) is
+ready, batches go over it instead (``events`` frames, up to ``transport.max_in_flight``
+unconfirmed at once) and its answers, in the REST batch answer's shape, are settled exactly as
+REST answers; when it is not ready, REST as above. An event leaves the outbox only when an
+answer settled it, whichever way it went; one sent twice (a frame whose confirm was lost with
+the connection) is de-duplicated by the server by ``event_id``. The reporter token is still
+required: without one nothing is sent, not even over the websocket (which would carry events
+without it), so that "no token, no telemetry leaves the host" stays one simple rule.
 """
 
 from __future__ import annotations
@@ -17,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from argus_agent.argus_api import ArgusClient
 from argus_agent.backoff import Action, Backoff, classify
@@ -32,6 +43,24 @@ log = get_logger(__name__)
 IDLE_WAIT_S = 1.0
 
 
+class EventsTransport(Protocol):
+    """Another way than ``POST /api/events/batch`` to deliver batches (the websocket)."""
+
+    #: How many batches may be unanswered at once, and the most bytes one batch may hold.
+    max_in_flight: int
+    max_batch_bytes: int
+
+    def events_ready(self) -> bool:
+        """Whether batches can be submitted now."""
+        ...
+
+    async def submit_events(self, bodies: list[bytes]) -> Awaitable[dict[str, Any]]:
+        """Send one batch of encoded envelopes; returns an awaitable of its answer in the
+        REST batch answer's shape. Both raise ServerError (a refused batch as ProtocolError
+        413/400, so that it is settled event by event, as a refused REST request)."""
+        ...
+
+
 @dataclass
 class SenderState:
     """What the sender last saw, for status."""
@@ -43,6 +72,8 @@ class SenderState:
     rejected: int = 0
     last_sent_at: float | None = None
     last_error: str | None = None
+    #: How the last batch went: ``websocket`` or ``rest``.
+    via: str | None = None
 
 
 class EventSender:
@@ -72,6 +103,8 @@ class EventSender:
         self._auth_reported = False
         #: Where the loop reports progress (the daemon shares its own).
         self.health = Health(DEFAULT_STALL_S)
+        #: Used instead of REST while it is ready (set by the daemon: the websocket channel).
+        self.transport: EventsTransport | None = None
 
     async def run(self, shutdown: asyncio.Event) -> None:
         """Send until ``shutdown`` is set. Never raises for server trouble."""
@@ -112,11 +145,20 @@ class EventSender:
     async def send_once(self) -> float | None:
         """Send one batch. Returns None when the outbox is empty or the batch went through,
         else how long to wait before trying again."""
-        chunks = await self.outbox.peek(self.batch_size)
+        transport = self.transport
+        if transport is not None and not transport.events_ready():
+            transport = None
+        in_flight = transport.max_in_flight if transport is not None else 1
+        chunks = await self.outbox.peek(self.batch_size * in_flight)
         if not chunks:
             return None
         try:
-            complete = await self._deliver(chunks)
+            if transport is not None:
+                self.state.via = "websocket"
+                complete = await self._deliver_pipelined(transport, chunks)
+            else:
+                self.state.via = "rest"
+                complete = await self._deliver(chunks)
         except ServerError as exc:
             return self._failed(exc)
         self._auth_reported = False
@@ -165,6 +207,63 @@ class EventSender:
             for chunk in chunks:
                 await self._one_by_one(chunk)
             return True
+        return await self._settle(chunks, answer)
+
+    async def _deliver_pipelined(self, transport: EventsTransport, chunks: list[Chunk]) -> bool:
+        """Send the chunks over ``transport`` in batches of at most ``batch_size`` events and
+        ``max_batch_bytes``, all submitted before the first answer is awaited; settle each
+        answered batch as a REST answer, one refused as a whole event by event. Raises the
+        first other error after settling what was answered (the rest stays queued)."""
+        groups: list[list[Chunk]] = []
+        count = size = 0
+        for chunk in chunks:
+            chunk_size = sum(len(b) + 1 for b in chunk.bodies)
+            if groups and (
+                count + len(chunk.bodies) <= self.batch_size
+                and size + chunk_size <= transport.max_batch_bytes
+            ):
+                groups[-1].append(chunk)
+                count, size = count + len(chunk.bodies), size + chunk_size
+            else:
+                groups.append([chunk])
+                count, size = len(chunk.bodies), chunk_size
+        error: ServerError | None = None
+        waiting: list[tuple[list[Chunk], Awaitable[dict[str, Any]] | ServerError]] = []
+        for group in groups:
+            try:
+                bodies = [body for chunk in group for body in chunk.bodies]
+                waiting.append((group, await transport.submit_events(bodies)))
+            except ServerError as exc:
+                waiting.append((group, exc))
+                if classify(exc, auth_retry_s=self.auth_retry_s).action is not Action.REFUSED:
+                    break
+        complete = True
+        for group, pending in waiting:
+            try:
+                if isinstance(pending, ServerError):
+                    raise pending
+                answer = await pending
+            except ServerError as exc:
+                if classify(exc, auth_retry_s=self.auth_retry_s).action is Action.REFUSED:
+                    for chunk in group:
+                        await self._one_by_one(chunk)
+                else:
+                    error = error or exc
+                continue
+            complete = await self._settle(group, answer) and complete
+        if error is not None:
+            raise error
+        return complete
+
+    async def _post(self, bodies: list[bytes]) -> dict[str, Any]:
+        """One batch over the transport while it is ready, else over REST."""
+        transport = self.transport
+        if transport is not None and transport.events_ready():
+            return await (await transport.submit_events(bodies))
+        return await self.client.post_events(self.token or "", bodies)
+
+    async def _settle(self, chunks: list[Chunk], answer: dict[str, Any]) -> bool:
+        """Settle the chunks by a batch answer; returns False when some went unanswered."""
         by_id = {str(r.get("event_id")): r for r in answer["results"] if isinstance(r, dict)}
         done: list[int] = []
         complete = True
@@ -192,7 +291,7 @@ class EventSender:
         try:
             for event_id, body in zip(chunk.event_ids, chunk.bodies, strict=True):
                 try:
-                    answer = await self.client.post_events(self.token or "", [body])
+                    answer = await self._post([body])
                 except ServerError as single:
                     decision = classify(single, auth_retry_s=self.auth_retry_s)
                     if decision.action is not Action.REFUSED:

@@ -12,21 +12,34 @@ from typing import Any
 
 @dataclass
 class ChannelState:
-    """What the channel last saw of the server."""
+    """What the channel last saw of the server.
+
+    ``kind`` is what carries commands now (``websocket`` or ``poll``), ``transport`` what the
+    configuration asked for (``server.transport``), ``why`` why the channel polls in ``auto``
+    mode or why the websocket is down. ``connected_since`` is set while a websocket is open,
+    ``last_contact_at`` is the last sign of life of the server (a frame or pong on the
+    websocket, a successful poll), ``next_probe_at`` when ``auto`` tries the websocket again.
+    """
 
     kind: str = "poll"
-    state: str = "starting"  # connected | backing_off | rate_limited | auth_rejected | starting
+    # connected | backing_off | rate_limited | auth_rejected | unavailable | starting
+    state: str = "starting"
     last_ok_at: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
     next_retry_at: float | None = None
     poll_interval_s: float | None = None
     last_heartbeat_at: float | None = None
+    transport: str = "poll"
+    why: str | None = None
+    connected_since: float | None = None
+    last_contact_at: float | None = None
+    next_probe_at: float | None = None
 
     def ok(self) -> None:
         """Record a successful exchange."""
         self.state = "connected"
-        self.last_ok_at = time.time()
+        self.last_ok_at = self.last_contact_at = time.time()
         self.next_retry_at = None
 
     def failed(self, state: str, error: str, retry_in: float) -> None:

@@ -22,9 +22,9 @@ def format_status(status: dict[str, Any]) -> str:
     lines = [
         f"argus-agent {status.get('version')} pid {status.get('pid')} "
         f"up {_duration(status.get('uptime_s'))} on {status.get('hostname')}",
-        f"server   {status.get('server_url')} as {status.get('agent_id')} ({ch.get('kind')})",
-        f"channel  {ch.get('state')}"
-        + (f", last ok {_since(ch.get('last_ok_at'))} ago" if ch.get("last_ok_at") else ""),
+        f"server   {status.get('server_url')} as {status.get('agent_id')} "
+        f"(transport {ch.get('transport', 'poll')})",
+        _channel_line(ch),
     ]
     if ch.get("state") != "connected" and ch.get("last_error"):
         lines.append(f"error    {ch['last_error']}")
@@ -41,8 +41,9 @@ def format_status(status: dict[str, Any]) -> str:
         lost = sum((tele.get("lost") or {}).values())
         lines.append(
             f"events   {tele.get('outbox_queued', 0)} queued "
-            f"({tele.get('outbox_bytes', 0) / 1e6:.1f} MB), sender {sender.get('state')}, "
-            f"{sender.get('sent', 0)} sent, {sender.get('rejected', 0)} rejected"
+            f"({tele.get('outbox_bytes', 0) / 1e6:.1f} MB), sender {sender.get('state')}"
+            + (f" over {sender['via']}" if sender.get("via") else "")
+            + f", {sender.get('sent', 0)} sent, {sender.get('rejected', 0)} rejected"
             + (f", {dropped} dropped (outbox full)" if dropped else "")
             + (f", {lost} lost (the disk refused them)" if lost else "")
             + f"; GPU: {tele.get('gpu')}"
@@ -71,6 +72,22 @@ def format_status(status: dict[str, Any]) -> str:
             + (f" (log incomplete: {job['log_error']})" if job.get("log_error") else "")
         )
     return "\n".join(lines)
+
+
+def _channel_line(ch: dict[str, Any]) -> str:
+    """E.g. ``channel  connected (websocket), connected for 3m, last contact 0s ago`` or
+    ``channel  connected (polling: <why>), last contact 2s ago, websocket probe in 9m``."""
+    kind = "websocket" if ch.get("kind") == "websocket" else "polling"
+    why = ch.get("why")
+    line = f"channel  {ch.get('state')} ({kind}" + (f": {why}" if why else "") + ")"
+    if ch.get("connected_since"):
+        line += f", connected for {_since(ch['connected_since'])}"
+    contact = ch.get("last_contact_at") or ch.get("last_ok_at")
+    if contact:
+        line += f", last contact {_since(contact)} ago"
+    if kind == "polling" and ch.get("next_probe_at"):
+        line += f", websocket probe in {_duration(max(0.0, ch['next_probe_at'] - time.time()))}"
+    return line
 
 
 def _damaged_lines(damaged: dict[str, Any]) -> list[str]:

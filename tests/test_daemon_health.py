@@ -210,7 +210,8 @@ async def test_a_start_up_failing_halfway_leaves_no_thread_or_file_behind(
 async def test_a_crash_of_the_heartbeat_task_takes_the_daemon_down_too(
     make_settings, user_token: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = make_settings(agent={"poll_interval_s": 0.1})
+    # The REST heartbeat runs only when polling.
+    settings = make_settings(server={"transport": "poll"}, agent={"poll_interval_s": 0.1})
     await register(settings, user_token)
 
     async def broken(self: PollChannel, shutdown: asyncio.Event) -> None:

@@ -53,3 +53,17 @@ def test_the_units_run_the_argus_agent_the_readme_installs() -> None:
     assert "/opt/argus-agent/bin/pip install" in readme
     assert "ExecStart=%h/.local/bin/argus-agent run" in user
     assert "pipx install /path/to/argus-agent-checkout" in readme  # pipx → ~/.local/bin
+
+
+def test_every_declared_runtime_dependency_is_used() -> None:
+    """Each dependency of the agent is imported by it (test-only ones live in the extra)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    imports = {"nvidia-ml-py": "pynvml"}  # distribution name -> import name
+    code = "\n".join(p.read_text() for p in (ROOT / "argus_agent").rglob("*.py"))
+    unused = []
+    for requirement in project["dependencies"]:
+        name = re.split(r"[<>=!\[ ;]", requirement, maxsplit=1)[0]
+        module = imports.get(name, name.replace("-", "_"))
+        if not re.search(rf"^\s*(import|from) {re.escape(module)}\b", code, re.MULTILINE):
+            unused.append(name)
+    assert unused == []

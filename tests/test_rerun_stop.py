@@ -161,7 +161,8 @@ async def test_stop_for_unknown_batch_is_acked_failed(
 async def test_redelivered_command_runs_once_also_after_restart(
     argus: ArgusUser, make_settings, user_token: str, tmp_path: Path
 ) -> None:
-    settings = make_settings()
+    # Acks are lost through REST faults: the agent must poll (and ack over REST).
+    settings = make_settings(server={"transport": "poll"})
     agent_id = await register(settings, user_token)
     counter = tmp_path / "runs"
     source = argus.record_batch(f"echo run >> {shlex.quote(str(counter))}; sleep 30")

@@ -64,7 +64,8 @@ async def test_new_token_is_picked_up_without_waiting_for_the_slow_retry(
 async def test_429_retry_after_is_honoured(
     argus: ArgusUser, make_settings, user_token: str, server: DevServer
 ) -> None:
-    settings = make_settings(agent={"poll_interval_s": 0.1})
+    # REST faults: the agent must poll (over the websocket nothing would meet them).
+    settings = make_settings(server={"transport": "poll"}, agent={"poll_interval_s": 0.1})
     agent_id = await register(settings, user_token)
     async with RunningAgent(settings) as running:
         await eventually(lambda: running.agent.state.channel.state == "connected", what="poll")
@@ -119,7 +120,7 @@ async def test_server_down_then_back_recovers_by_itself(
 async def test_500_is_retried_on_a_fresh_connection(
     argus: ArgusUser, make_settings, user_token: str
 ) -> None:
-    settings = make_settings(agent={"poll_interval_s": 0.1})
+    settings = make_settings(server={"transport": "poll"}, agent={"poll_interval_s": 0.1})
     agent_id = await register(settings, user_token)
     async with RunningAgent(settings) as running:
         await eventually(lambda: running.agent.state.channel.state == "connected", what="poll")

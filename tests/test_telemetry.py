@@ -228,7 +228,8 @@ async def test_without_a_token_events_stay_in_the_outbox_and_status_says_so(
 async def test_429_on_event_ingest_is_honoured(
     argus: ArgusUser, make_settings, user_token: str, server: DevServer
 ) -> None:
-    settings = _settings(make_settings, user_token)
+    # A REST fault: events must go over REST (over the websocket nothing would meet it).
+    settings = make_settings(server={"token": user_token, "transport": "poll"}, telemetry=FAST)
     await register(settings, user_token)
     argus.fault("/api/events/batch", 429, count=1, retry_after=1.0)
     async with RunningAgent(settings) as running:

@@ -86,7 +86,7 @@ class PollChannel:
                     self.state.failed("backing_off", f"agent error: {exc!r}", delay)
                 self.health.report("channel", delay)
                 if self.state.state == "auth_rejected":
-                    if await self._sleep_watching_token(shutdown, delay):
+                    if await self.sleep_watching_token(shutdown, delay):
                         break
                 elif await sleep_unless(shutdown, delay):
                     break
@@ -161,18 +161,18 @@ class PollChannel:
         log.warning("server exchange failed; retrying", error=str(exc), retry_in_s=round(delay, 3))
         return delay
 
-    async def _sleep_watching_token(self, shutdown: asyncio.Event, delay: float) -> bool:
+    async def sleep_watching_token(self, shutdown: asyncio.Event, delay: float) -> bool:
         """Sleep ``delay`` seconds, ending early when `register --force` wrote a new token.
         Returns True when shutdown was requested."""
         deadline = time.monotonic() + delay
         while (left := deadline - time.monotonic()) > 0:
             if await sleep_unless(shutdown, min(TOKEN_WATCH_S, left)):
                 return True
-            if self._reload():
+            if self.reload_token():
                 return False
         return shutdown.is_set()
 
-    def _reload(self) -> bool:
+    def reload_token(self) -> bool:
         """Pick up a token written by `register --force` since we started; True if new."""
         if self.reload_credentials is None:
             return False

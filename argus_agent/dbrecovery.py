@@ -23,7 +23,7 @@ import shutil
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,41 @@ def earlier_set_aside(path: Path) -> list[dict[str, Any]]:
                 }
             )
     return found
+
+
+def swap_in_salvage(
+    path: Path,
+    schema: str,
+    tables: Sequence[tuple[str, Sequence[str] | None]],
+    *,
+    what: str,
+    damage: BaseException,
+    open_error: Callable[[BaseException, BaseException], Exception],
+    move_error: Callable[[str], Exception],
+) -> tuple[dict[str, int], Path]:
+    """Replace the damaged database ``path`` (the ``what``, e.g. "command ledger") with a
+    fresh one holding what can still be read of it: salvage into ``<name>.new``, set the
+    damaged file aside, move the fresh one in. Returns (rows copied per table, where the
+    damaged file was kept). A salvage that cannot be written raises ``open_error(error,
+    damage)``; a damaged file that cannot be moved raises ``move_error(message)`` with the
+    path and the fix; the half-made copy is removed then."""
+    fresh = path.with_name(f"{path.name}.new")
+    try:
+        copied = salvage_copy(path, fresh, schema, tables)
+    except sqlite3.Error as write_error:
+        raise open_error(write_error, damage) from None
+    try:
+        kept = set_aside(path)
+        os.replace(fresh, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            fresh.unlink()
+        raise move_error(
+            f"{path}: the {what} is damaged ({damage}) and cannot be moved aside "
+            f"({exc.strerror or exc}); fix: move or delete {path} (and {path.name}-wal, "
+            f"{path.name}-shm beside it) by hand, then start the agent again"
+        ) from None
+    return copied, kept
 
 
 def salvage_copy(

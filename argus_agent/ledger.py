@@ -30,7 +30,6 @@ which the service manager retries. The helpers are shared with the outbox (``out
 from __future__ import annotations
 
 import contextlib
-import os
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -43,8 +42,7 @@ from argus_agent.dbrecovery import (
     earlier_set_aside,
     is_corrupt,
     is_unwritable,
-    salvage_copy,
-    set_aside,
+    swap_in_salvage,
     unavailable_error,
     unwritable_error,
 )
@@ -127,23 +125,15 @@ class CommandLedger:
         """Replace the damaged ledger with a fresh one holding what could be read of it."""
         with contextlib.suppress(sqlite3.Error, AttributeError):
             self._conn.close()
-        fresh = self.path.with_name(f"{self.path.name}.new")
-        try:
-            copied = salvage_copy(self.path, fresh, SCHEMA, (("commands", None),))
-        except sqlite3.Error as write_error:
-            raise self._open_error(write_error, exc) from None
-        try:
-            kept = set_aside(self.path)
-            os.replace(fresh, self.path)
-        except OSError as move_error:
-            with contextlib.suppress(OSError):
-                fresh.unlink()
-            raise StateError(
-                f"{self.path}: the command ledger is damaged ({exc}) and cannot be moved aside "
-                f"({move_error.strerror or move_error}); fix: move or delete {self.path} (and "
-                f"{self.path.name}-wal, {self.path.name}-shm beside it) by hand, then start "
-                "the agent again"
-            ) from None
+        copied, kept = swap_in_salvage(
+            self.path,
+            SCHEMA,
+            (("commands", None),),
+            what="command ledger",
+            damage=exc,
+            open_error=self._open_error,
+            move_error=StateError,
+        )
         try:
             conn = _connect(self.path)
         except sqlite3.Error as again:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import queue
 import sqlite3
 import threading
@@ -33,8 +32,7 @@ from argus_agent.dbrecovery import (
     earlier_set_aside,
     is_corrupt,
     is_unwritable,
-    salvage_copy,
-    set_aside,
+    swap_in_salvage,
     unavailable_error,
     unwritable_error,
 )
@@ -214,23 +212,15 @@ class OutboxWriter:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
             self._db = None
-        fresh = self.path.with_name(f"{self.path.name}.new")
-        try:
-            salvage_copy(self.path, fresh, SCHEMA, SALVAGE)
-        except sqlite3.Error as write_error:
-            raise self._open_error(write_error, exc) from None
-        try:
-            kept = set_aside(self.path)
-            os.replace(fresh, self.path)
-        except OSError as move_error:
-            with contextlib.suppress(OSError):
-                fresh.unlink()
-            raise OutboxError(
-                f"{self.path}: the telemetry outbox is damaged ({exc}) and cannot be moved "
-                f"aside ({move_error.strerror or move_error}); fix: move or delete {self.path} "
-                f"(and {self.path.name}-wal, {self.path.name}-shm beside it) by hand, then "
-                "start the agent again"
-            ) from None
+        _copied, kept = swap_in_salvage(
+            self.path,
+            SCHEMA,
+            SALVAGE,
+            what="telemetry outbox",
+            damage=exc,
+            open_error=self._open_error,
+            move_error=OutboxError,
+        )
         try:
             self._connect()
         except sqlite3.Error as again:

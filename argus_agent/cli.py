@@ -121,6 +121,13 @@ def _parser() -> argparse.ArgumentParser:
         help="serve no websocket endpoint (GET /api/agents/{id}/ws answers HTTP 403, as from "
         "an unmodified Argus v0.3.0), so agents fall back to REST polling",
     )
+    dev.add_argument(
+        "--no-rate-limit",
+        dest="rate_limit",
+        action="store_false",
+        help="take events as fast as they come (default: Argus' ingest limit, a burst of 60 "
+        "requests, then 10 a second per token, answered 429 with Retry-After)",
+    )
     return parser
 
 
@@ -318,7 +325,15 @@ def _cmd_dev_server(args: argparse.Namespace) -> int:
             f"pip install '/path/to/argus-agent-checkout[server]' ({exc})"
         ) from None
     configure("info")
-    serve(args.host, args.port, args.db, args.user, args.poll_interval, websocket=args.websocket)
+    serve(
+        args.host,
+        args.port,
+        args.db,
+        args.user,
+        args.poll_interval,
+        websocket=args.websocket,
+        rate_limit=args.rate_limit,
+    )
     return 0
 
 

@@ -71,6 +71,10 @@ class ServerSettings(_Section):
     #: REST polling, probing the websocket again every 10 minutes), ``websocket`` (only the
     #: websocket, never polling) or ``poll`` (only REST polling, as Argus v0.3.0).
     transport: Literal["auto", "websocket", "poll"] = "auto"
+    #: Offer ``permessage-deflate`` on the websocket (used when the server accepts it). Off:
+    #: on loopback and LANs it costs CPU for nothing; over links slower than a few hundred
+    #: Mb/s it drains a large backlog faster (bench/README.md has the measurement).
+    websocket_compression: bool = False
 
     @field_validator("url")
     @classmethod

@@ -278,6 +278,7 @@ class Agent:
             settings.agent,
             server_poll_interval_s=creds.poll_interval_s or 10.0,
             reload_credentials=self._load_credentials if self._credentials is None else None,
+            compression=settings.server.websocket_compression,
         )
         channel.health = self.health
         self.channel = channel

@@ -265,10 +265,12 @@ class EventSender:
     async def _settle(self, chunks: list[Chunk], answer: dict[str, Any]) -> bool:
         """Settle the chunks by a batch answer; returns False when some went unanswered."""
         by_id = {str(r.get("event_id")): r for r in answer["results"] if isinstance(r, dict)}
+        # A websocket confirm lists only the rejected events: every other one was taken.
+        held = {"status": "accepted"} if answer.get("unlisted_held") else None
         done: list[int] = []
         complete = True
         for chunk in chunks:
-            results = [by_id.get(event_id) for event_id in chunk.event_ids]
+            results = [by_id.get(event_id, held) for event_id in chunk.event_ids]
             if any(r is None for r in results):
                 complete = False
                 continue  # not all answered: the chunk stays queued and is sent again

@@ -344,7 +344,35 @@ def _ref_of(msg_type: str, obj: dict[str, Any]) -> str | None:
 
 def _value_problem(obj: Any, msg_type: str, *, check_strings: bool) -> tuple[ErrorCode, str] | None:
     """The first bound a parsed frame breaks (nesting depth; with ``check_strings``, strings
-    that are not valid Unicode), with where. Iterative: safe at any nesting."""
+    that are not valid Unicode), with where. Iterative: safe at any nesting. The walk keeps
+    no paths (an events frame holds thousands of values); only a frame that breaks a bound
+    is walked again to say where."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        current, depth = stack.pop()
+        if isinstance(current, dict):
+            if depth > MAX_FRAME_DEPTH:
+                return _locate_problem(obj, msg_type, check_strings=check_strings)
+            for key, child in current.items():
+                if check_strings and not protocol._is_unicode(key):
+                    return _locate_problem(obj, msg_type, check_strings=check_strings)
+                if isinstance(child, dict | list) or (check_strings and isinstance(child, str)):
+                    stack.append((child, depth + 1))
+        elif isinstance(current, list):
+            if depth > MAX_FRAME_DEPTH:
+                return _locate_problem(obj, msg_type, check_strings=check_strings)
+            for child in current:
+                if isinstance(child, dict | list) or (check_strings and isinstance(child, str)):
+                    stack.append((child, depth + 1))
+        elif isinstance(current, str) and not protocol._is_unicode(current):
+            return _locate_problem(obj, msg_type, check_strings=check_strings)
+    return None
+
+
+def _locate_problem(
+    obj: Any, msg_type: str, *, check_strings: bool
+) -> tuple[ErrorCode, str] | None:
+    """:func:`_value_problem`'s walk keeping the path, for the reason of a frame it refused."""
     stack: list[tuple[Any, tuple[Any, ...], int]] = [(obj, (), 1)]
     while stack:
         current, path, depth = stack.pop()

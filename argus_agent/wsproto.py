@@ -267,32 +267,38 @@ class AckResult(_Message):
         return cls(cmd_id=cmd_id, result=result, detail=_trim(detail, MAX_ACK_ERROR_CHARS))
 
 
-class EventResult(_Message):
-    """What became of one event (as an item of the REST batch answer's ``results``)."""
+class Rejection(_Message):
+    """One event of a frame that the server refused, and why."""
 
     event_id: str | None = Field(max_length=128)
-    status: Literal["accepted", "rejected", "deduplicated"]
-    db_id: _Int | None = None
-    error: str | None = Field(default=None, max_length=MAX_ACK_ERROR_CHARS)
+    error: str = Field(max_length=MAX_ACK_ERROR_CHARS)
 
 
 class Confirm(_Message):
-    """The server holds every event of the frame ``seq`` (and of each frame before it)."""
+    """The server holds every event of the frame ``seq`` (and of each frame before it)
+    except those listed in ``rejections``: accepted or de-duplicated events are counted, not
+    listed, so that a confirm costs next to nothing to build, send and read."""
 
     type: Literal["confirm"] = "confirm"
     seq: Seq
     accepted: Annotated[int, Field(strict=True, ge=0, le=MAX_EVENTS_PER_FRAME)]
     rejected: Annotated[int, Field(strict=True, ge=0, le=MAX_EVENTS_PER_FRAME)]
-    results: list[EventResult] = Field(max_length=MAX_EVENTS_PER_FRAME)
-
-    @classmethod
-    def from_rest(cls, seq: int, answer: dict[str, Any]) -> Confirm:
-        """The confirm carrying a REST batch answer (``{accepted, rejected, results}``)."""
-        return cls(seq=seq, **answer)
+    #: Of ``accepted``, the events the server already held (by event_id): a resend.
+    deduplicated: Annotated[int, Field(strict=True, ge=0, le=MAX_EVENTS_PER_FRAME)] = 0
+    rejections: list[Rejection] = Field(default_factory=list, max_length=MAX_EVENTS_PER_FRAME)
 
     def rest_answer(self) -> dict[str, Any]:
-        """The same answer as ``POST /api/events/batch`` gives (for the sender's handling)."""
-        return self.model_dump(exclude={"type", "seq"})
+        """The confirm as a REST batch answer for the sender's handling: ``results`` lists
+        the rejected events, and ``unlisted_held`` says every other event was taken."""
+        return {
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "results": [
+                {"event_id": r.event_id, "status": "rejected", "db_id": None, "error": r.error}
+                for r in self.rejections
+            ],
+            "unlisted_held": True,
+        }
 
 
 AgentMessage = Annotated[Hello | Ack | Events | ErrorMsg, Field(discriminator="type")]

@@ -7,15 +7,23 @@
 2. Rerun to the job's first line: from just before the HTTP POST of Rerun to the timestamp the
    job's first command writes (``date +%s.%N``).
 3. Events/s: N events put into the agent's outbox in one commit; time until all are confirmed
-   (outbox empty), over the websocket and over REST batches (ingest rate limit off).
+   (outbox empty), over the websocket and over REST batches, each against its own
+   ``argus-agent dev-server`` process (``--no-rate-limit``), as a real server is never in the
+   agent's process. A warm-up round, then ROUNDS rounds; the median round is reported, with
+   the CPU time each side spent per event (this process: agent and benchmark; the server
+   process).
 4. Hung server: ``argus-agent dev-server`` as a real process, SIGSTOPped while the agent is
    connected; time until the agent's channel state leaves "connected"; then SIGCONT and the
    next trial once it reconnected.
+5. Compression: one events frame of 500 log lines and one of 500 resource snapshots, as the
+   agent sends them, deflated as ``permessage-deflate`` would (zlib, raw deflate, level 6):
+   size, and the CPU time to compress and decompress it; from which the link speed below
+   which compression would save more time than it costs.
 
 The websocket server is started with ``poll_interval_s=30`` (what the agent's poll fallback
 would use). Polling at 30 s cannot give a median in a short run, so polling is measured against
-a server with ``--poll-interval`` (POLL_S below) and says so in the table. Servers 1-3 run in
-this process (sharing the GIL with the agent); 4 is a separate process.
+a server with ``--poll-interval`` (POLL_S below) and says so in the table. Servers 1-2 run in
+this process (sharing the GIL with the agent); 3 and 4 are separate processes.
 
 Usage: python bench/websocket.py [--samples 100] [--reruns 10] [--events 20000] [--trials 10]
 """
@@ -34,8 +42,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.support
 
@@ -44,14 +57,12 @@ from argus_agent.devserver import DevServer, executor
 from argus_agent.events import EventKind, EventSource, make_event
 from argus_agent.logsetup import configure
 from argus_agent.registration import register_host
-from tests.support import ArgusUser, RunningAgent, eventually
+from argus_agent.wsproto import encode_events
+from tests.support import ArgusUser, RunningAgent, eventually, settings_for
 
 HOST = socket.gethostname()
 POLL_S = 1.0  # the polling server's interval (30 s would take minutes per median)
-ROOT_JOBS: dict[str, Any] = (
-    {"run_as": "root", "allow_root": True, "users": {"alice": "*"}} if os.geteuid() == 0 else {}
-)
-
+ROUNDS = 5  # events/s rounds after the warm-up
 # -- server-side timing of commands: created (queued) -> ack stored ---------------------------
 
 CREATED: dict[str, float] = {}
@@ -77,19 +88,7 @@ executor.ack_command = _timed_ack
 
 
 def _settings(url: str, token: str, root: Path, transport: str, **server: Any) -> Settings:
-    return Settings.model_validate(
-        {
-            "server": {"url": url, "token": token, "transport": transport, **server},
-            "agent": {
-                "state_dir": str(root / "st"),
-                "hostname": HOST,
-                "heartbeat_interval_s": 0.5,
-                "backoff_initial_s": 0.05,
-                "backoff_max_s": 0.5,
-            },
-            "jobs": {"stop_grace_s": 2.0, **ROOT_JOBS},
-        }
-    )
+    return settings_for(url, root, server={"token": token, "transport": transport, **server})
 
 
 def _connected(running: RunningAgent, kind: str) -> bool:
@@ -128,16 +127,19 @@ async def _reruns(argus: ArgusUser, root: Path, count: int) -> list[float]:
     return out
 
 
+def _log_events(count: int) -> list[dict[str, Any]]:
+    source = EventSource(project="bench", host=HOST)
+    batch = f"bench-{random.getrandbits(32):08x}"
+    return [
+        make_event("log_line", EventKind.NOTICE, batch, source, {"line": f"line {i} " + "x" * 60})
+        for i in range(count)
+    ]
+
+
 async def _throughput(running: RunningAgent, events: int) -> float:
     """Events/s: ``events`` put in one commit, until the outbox is empty."""
     box = running.agent.outbox
-    source = EventSource(project="bench", host=HOST)
-    batch = f"bench-{random.getrandbits(32):08x}"
-    items = [
-        make_event("log_line", EventKind.NOTICE, batch, source, {"line": f"line {i} " + "x" * 60})
-        for i in range(events)
-    ]
-    await box.put(items)
+    await box.put(_log_events(events))
     started = time.perf_counter()
     while box.stats().queued:
         await asyncio.sleep(0.002)
@@ -164,36 +166,28 @@ async def _in_process(kind: str, args: argparse.Namespace, root: Path) -> dict[s
             n = args.samples if ws else max(5, args.samples // 10)
             rtt = await _stops(argus, n, 0 if ws else POLL_S)
             reruns = await _reruns(argus, root, args.reruns if ws else max(3, args.reruns // 2))
-            rate = await _throughput(running, args.events)
-            via = running.agent.sender.state.via
             await running.stop()
         argus.close()
     finally:
         server.stop()
-    return {"rtt": rtt, "reruns": reruns, "rate": rate, "via": via}
+    return {"rtt": rtt, "reruns": reruns}
 
 
 # -- 4. a hung (SIGSTOPped) dev-server process -------------------------------------------------
 
 
-async def _hung(trials: int, root: Path) -> list[float]:
-    root.mkdir()
+@asynccontextmanager
+async def _server_process(
+    root: Path, *flags: str
+) -> AsyncIterator[tuple[subprocess.Popen[bytes], str, str]]:
+    """``argus-agent dev-server`` as a process of its own: (process, url, alice's token)."""
     log = root / "dev-server.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "argus_agent.cli",
-                "dev-server",
-                "--user",
-                "alice",
-                "--port",
-                "0",
-                "--db",
-                str(root / "argus.sqlite"),
-                "--poll-interval",
-                "30",
+                *(sys.executable, "-m", "argus_agent.cli", "dev-server", "--user", "alice"),
+                *("--port", "0", "--db", str(root / "argus.sqlite"), "--poll-interval", "30"),
+                *flags,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -205,7 +199,48 @@ async def _hung(trials: int, root: Path) -> list[float]:
             return lines if len(lines) >= 2 else None
 
         lines = await eventually(ready, timeout=30, interval=0.02)
-        url, token = lines[0].split()[-1], lines[1].split()[-1]
+        yield proc, lines[0].split()[-1], lines[1].split()[-1]
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait(10)
+
+
+async def _events_per_s(
+    kind: str, args: argparse.Namespace, root: Path, *, deflate: bool = False
+) -> dict[str, Any]:
+    """Median events/s over ROUNDS rounds, and CPU microseconds per event on each side."""
+    root.mkdir()
+    flags = ["--no-rate-limit"] + ([] if kind == "websocket" else ["--no-websocket"])
+    async with _server_process(root, *flags) as (proc, url, token):
+        server_cpu = psutil.Process(proc.pid)
+        settings = _settings(
+            url,
+            token,
+            root,
+            "websocket" if kind == "websocket" else "poll",
+            websocket_compression=deflate,
+        )
+        await register_host(settings, token, force=False)
+        rounds: list[tuple[float, float, float]] = []
+        async with RunningAgent(settings) as running:
+            await eventually(lambda: _connected(running, kind), timeout=30)
+            await _throughput(running, min(2000, args.events))  # warm-up
+            for _ in range(ROUNDS):
+                before = server_cpu.cpu_times(), time.process_time()
+                rate = await _throughput(running, args.events)
+                after = server_cpu.cpu_times(), time.process_time()
+                server = sum(after[0][:2]) - sum(before[0][:2])
+                rounds.append((rate, (after[1] - before[1]) / args.events, server / args.events))
+            via = running.agent.sender.state.via
+            await running.stop()
+    rate, agent_s, server_s = sorted(rounds)[len(rounds) // 2]
+    return {"rate": rate, "agent_us": agent_s * 1e6, "server_us": server_s * 1e6, "via": via}
+
+
+async def _hung(trials: int, root: Path) -> list[float]:
+    root.mkdir()
+    async with _server_process(root) as (proc, url, token):
         settings = _settings(url, token, root, "websocket", timeout_s=2.0)
         await register_host(settings, token, force=False)
         out = []
@@ -229,10 +264,47 @@ async def _hung(trials: int, root: Path) -> list[float]:
                     proc.send_signal(signal.SIGCONT)
             await running.stop()
         return out
-    finally:
-        proc.send_signal(signal.SIGCONT)
-        proc.kill()
-        proc.wait(10)
+
+
+# -- 5. compression ---------------------------------------------------------------------------
+
+
+def _snapshot_events(count: int) -> list[dict[str, Any]]:
+    source = EventSource(project="bench", host=HOST)
+    data = {
+        "cpu_util_pct": 37.5,
+        "ram_mb": 12345.6,
+        "ram_total_mb": 64000.0,
+        "disk_free_mb": 812345.0,
+        "gpu_util_pct": 98.0,
+        "gpu_mem_mb": 30123.0,
+        "gpu_temp_c": 71.0,
+        "proc_cpu_pct": 101.2,
+        "proc_ram_mb": 8123.4,
+    }
+    return [
+        make_event("resource_snapshot", EventKind.NOTICE, "bench", source, dict(data))
+        for _ in range(count)
+    ]
+
+
+def _compression() -> list[tuple[str, int, int, float]]:
+    """(frame, raw bytes, deflated bytes, compress + decompress seconds) per frame kind."""
+    out = []
+    for label, events in (
+        ("500 log lines", _log_events(500)),
+        ("500 resource snapshots", _snapshot_events(500)),
+    ):
+        frame = encode_events(1, [e.body for e in events]).encode()
+        runs = 20
+        started = time.process_time()
+        for _ in range(runs):
+            deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+            packed = deflate.compress(frame) + deflate.flush(zlib.Z_SYNC_FLUSH)
+            inflate = zlib.decompressobj(-15)
+            assert inflate.decompress(packed) == frame
+        out.append((label, len(frame), len(packed), (time.process_time() - started) / runs))
+    return out
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -246,6 +318,9 @@ async def main(args: argparse.Namespace) -> None:
     try:
         ws = await _in_process("websocket", args, root / "ws")
         poll = await _in_process("poll", args, root / "poll")
+        ws_rate = await _events_per_s("websocket", args, root / "ws-events")
+        rest_rate = await _events_per_s("poll", args, root / "rest-events")
+        deflated = await _events_per_s("websocket", args, root / "deflate", deflate=True)
         hung = await _hung(args.trials, root / "hung")
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -272,15 +347,33 @@ async def main(args: argparse.Namespace) -> None:
     within = sum(v <= 5.0 for v in hung)
     print(f"hung server detected within 5 s: {within} of {len(hung)}")
     print()
-    print(f"{'events from one agent to the server':<50} {'events':>8} {'events/s':>10}")
     print(
-        f"{'over the websocket (via ' + str(ws['via']) + ')':<50} {args.events:8d} "
-        f"{ws['rate']:10.0f}"
+        f"events from one agent to a dev-server process, median of {ROUNDS} rounds of {args.events}"
     )
+    print(f"{'':<28} {'events/s':>10} {'agent us/event':>15} {'server us/event':>16}")
+    for label, r in (
+        ("over the websocket", ws_rate),
+        ("REST batches", rest_rate),
+        ("websocket + deflate", deflated),
+    ):
+        print(
+            f"{label + ' (via ' + str(r['via']) + ')':<28} {r['rate']:10.0f} "
+            f"{r['agent_us']:15.1f} {r['server_us']:16.1f}"
+        )
+    ratio = ws_rate["rate"] / rest_rate["rate"]
+    print(f"websocket / REST: {ratio:.2f}x (targets >= 20,000/s and >= 2x)")
+    print()
     print(
-        f"{'REST batches (via ' + str(poll['via']) + ')':<50} {args.events:8d} {poll['rate']:10.0f}"
+        f"{'compression (deflate, level 6)':<28} {'raw B':>8} {'deflated B':>11} {'ratio':>6} "
+        f"{'CPU ms':>7} {'pays below':>12}"
     )
-    print(f"websocket / REST: {ws['rate'] / poll['rate']:.2f}x (targets >= 20,000/s and >= 2x)")
+    for label, raw, packed, cpu_s in _compression():
+        # Compression saves (raw - packed) bytes of link time and costs cpu_s of CPU time.
+        pays_below_mbit = (raw - packed) * 8 / cpu_s / 1e6
+        print(
+            f"{label:<28} {raw:8d} {packed:11d} {raw / packed:6.1f} {cpu_s * ms:7.2f} "
+            f"{pays_below_mbit:8.0f} Mb/s"
+        )
 
 
 if __name__ == "__main__":

@@ -14,13 +14,7 @@ from argus_agent.config import Settings
 from argus_agent.devserver import DevServer
 from argus_agent.logsetup import configure
 from tests.leftovers import LeftoverGuard
-from tests.support import HOST, ArgusUser
-
-#: Running as root (CI), the jobs of these tests run as root: every job as ``run_as``, which
-#: the Argus user of the tests (alice) is allowed to ask for.
-ROOT_JOBS = (
-    {"run_as": "root", "allow_root": True, "users": {"alice": "*"}} if os.geteuid() == 0 else {}
-)
+from tests.support import ArgusUser, settings_for
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -87,21 +81,6 @@ def make_settings(tmp_path: Path, server: DevServer) -> Callable[..., Settings]:
     """Settings for an agent with a short state-dir path (unix sockets have a length limit)."""
 
     def build(**sections: dict[str, Any]) -> Settings:
-        overrides: dict[str, dict[str, Any]] = {
-            "server": {"url": server.url},
-            "agent": {
-                "state_dir": str(tmp_path / "st"),
-                "hostname": HOST,
-                "heartbeat_interval_s": 0.5,
-                "backoff_initial_s": 0.05,
-                "backoff_max_s": 0.5,
-                "auth_retry_s": 0.5,
-            },
-            # Running as root (CI), the jobs of these tests run as root too.
-            "jobs": {"stop_grace_s": 2.0, **ROOT_JOBS},
-        }
-        for section, values in sections.items():
-            overrides.setdefault(section, {}).update(values)
-        return Settings.model_validate(overrides)
+        return settings_for(server.url, tmp_path, **sections)
 
     return build

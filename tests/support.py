@@ -24,6 +24,11 @@ from argus_agent.registration import register_host
 
 T = TypeVar("T")
 HOST = socket.gethostname()
+#: Running as root (CI), the jobs of these tests run as root: every job as ``run_as``, which
+#: the Argus user of the tests (alice) is allowed to ask for.
+ROOT_JOBS: dict[str, Any] = (
+    {"run_as": "root", "allow_root": True, "users": {"alice": "*"}} if os.geteuid() == 0 else {}
+)
 OS_USER = pwd.getpwuid(os.geteuid()).pw_name
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -71,9 +76,7 @@ class ArgusUser:
         run was started as, by default this test's); returns its id."""
         batch_id = f"b-{uuid.uuid4().hex[:10]}"
         who = {"user": user} if user is not None else {}
-        self.event(
-            "batch_start", batch_id, {"command": command}, host=host, command=command, **who
-        )
+        self.event("batch_start", batch_id, {"command": command}, host=host, command=command, **who)
         if cwd is not None or env is not None:
             self.event("env_snapshot", batch_id, {"cwd": cwd, "env": env}, host=host, **who)
         if done:
@@ -283,3 +286,35 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def server_commands(url: str, agent_id: str) -> list[dict]:
+    """The commands the reference server holds for an agent (its dev listing)."""
+    return httpx.get(f"{url}/api/_dev/commands", params={"agent_id": agent_id}).json()
+
+
+def settings_for(url: str, tmp_path: Path, **sections: dict[str, Any]) -> Settings:
+    """Settings for an agent of ``url`` with a short state-dir path (unix sockets have a
+    length limit); the ``make_settings`` fixture's, for any server."""
+    values: dict[str, dict[str, Any]] = {
+        "server": {"url": url},
+        "agent": {
+            "state_dir": str(tmp_path / "st"),
+            "hostname": HOST,
+            "heartbeat_interval_s": 0.5,
+            "backoff_initial_s": 0.05,
+            "backoff_max_s": 0.5,
+            "auth_retry_s": 0.5,
+        },
+        # Running as root (CI), the jobs of these tests run as root too.
+        "jobs": {"stop_grace_s": 2.0, **ROOT_JOBS},
+    }
+    for section, extra in sections.items():
+        values.setdefault(section, {}).update(extra)
+    return Settings.model_validate(values)
+
+
+def on_websocket(running: RunningAgent) -> bool:
+    """Whether the running agent's channel is connected over the websocket."""
+    channel = running.agent.state.channel
+    return channel.kind == "websocket" and channel.connected_since is not None

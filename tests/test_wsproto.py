@@ -103,11 +103,7 @@ SAMPLES: list[tuple[Direction, Any]] = [
             seq=3,
             accepted=2,
             rejected=1,
-            results=[
-                {"event_id": "e-000001", "status": "accepted", "db_id": 1, "error": None},
-                {"event_id": "e-000002", "status": "deduplicated", "db_id": 1, "error": None},
-                {"event_id": "e-000003", "status": "rejected", "db_id": None, "error": "bad"},
-            ],
+            rejections=[{"event_id": "e-000003", "error": "bad"}],
         ),
     ),
     (TO_AGENT, ws.ErrorMsg(code=ErrorCode.TOO_LARGE, reason="too big", ref="12")),
@@ -166,17 +162,18 @@ def test_ack_result_mirrors_the_rest_status() -> None:
     assert ws.AckResult.from_http_status("c-1", 422).result == "invalid"
 
 
-def test_confirm_carries_the_rest_batch_answer() -> None:
-    answer = {
+def test_confirm_lists_only_rejected_events_and_reads_as_a_rest_answer() -> None:
+    confirm = ws.Confirm(
+        seq=4, accepted=1, rejected=1, rejections=[{"event_id": "e-000002", "error": "bad type"}]
+    )
+    assert confirm.rest_answer() == {
         "accepted": 1,
         "rejected": 1,
         "results": [
-            {"event_id": "e-000001", "status": "accepted", "db_id": 5, "error": None},
-            {"event_id": "e-000002", "status": "rejected", "db_id": None, "error": "bad type"},
+            {"event_id": "e-000002", "status": "rejected", "db_id": None, "error": "bad type"}
         ],
+        "unlisted_held": True,
     }
-    confirm = ws.Confirm.from_rest(4, answer)
-    assert confirm.rest_answer() == answer
     assert ws.decode_frame(ws.encode_frame(confirm), TO_AGENT) == confirm
 
 

@@ -4,10 +4,11 @@
 (Argus v0.3.0); ``auto`` and ``websocket`` are an :class:`AutoChannel`, whose ``run`` task
 loops over these steps:
 
-- **connect** (``channels.websocket.open_session``), then serve the session until it closes
-  (its own tasks: receive loop, command worker, ticker). A session that lasted
-  ``HEALTHY_SESSION_S`` resets the reconnect backoff; a drop is reconnected after the next
-  full-jitter delay (``backoff.Backoff``, the polling channel's kind, its own instance).
+- **connect** (``channels.wsconnect.open_session``), then serve the session until it closes
+  (``channels.websocket.WebSocketSession``, with its own tasks: receive loop, command worker,
+  ticker). A session that lasted ``HEALTHY_SESSION_S`` resets the reconnect backoff; a drop
+  is reconnected after the next full-jitter delay (``backoff.Backoff``, the polling channel's
+  kind, its own instance).
 - **no usable websocket** (upgrade answered 403/404/405 or another non-upgrade answer, no
   common subprotocol, close 4406): ``auto`` says so once (log and ``status``), polls with
   its :class:`PollChannel` and probes the websocket again every ``PROBE_INTERVAL_S``;
@@ -39,14 +40,8 @@ from argus_agent.argus_api import ArgusClient
 from argus_agent.backoff import Action, Backoff, classify
 from argus_agent.channels.base import sleep_unless
 from argus_agent.channels.poll import FIX_TOKEN, PollChannel
-from argus_agent.channels.websocket import (
-    EVENTS_FRAME_OVERHEAD,
-    NO_COMMON_VERSION,
-    SeqCounter,
-    WebSocketSession,
-    WebSocketUnavailable,
-    open_session,
-)
+from argus_agent.channels.websocket import EVENTS_FRAME_OVERHEAD, SeqCounter, WebSocketSession
+from argus_agent.channels.wsconnect import NO_COMMON_VERSION, WebSocketUnavailable, open_session
 from argus_agent.config import AgentSettings
 from argus_agent.credentials import AgentCredentials
 from argus_agent.dispatcher import Dispatcher
@@ -74,6 +69,7 @@ def make_channel(
     *,
     server_poll_interval_s: float,
     reload_credentials: Callable[[], AgentCredentials | None] | None = None,
+    compression: bool = False,
 ) -> PollChannel | AutoChannel:
     """The channel for ``server.transport`` (``auto``, ``websocket`` or ``poll``)."""
     if transport == "poll":
@@ -97,6 +93,7 @@ def make_channel(
         settings,
         server_poll_interval_s=server_poll_interval_s,
         reload_credentials=reload_credentials,
+        compression=compression,
     )
 
 
@@ -138,10 +135,13 @@ class AutoChannel:
         server_poll_interval_s: float,
         reload_credentials: Callable[[], AgentCredentials | None] | None = None,
         rng: random.Random | None = None,
+        compression: bool = False,
     ) -> None:
         if transport not in ("auto", "websocket"):
             raise ValueError(f"transport: expected 'auto' or 'websocket', not {transport!r}")
         self.mode = transport
+        #: Whether to offer permessage-deflate (``server.websocket_compression``).
+        self.compression = compression
         self.client = client
         self.dispatcher = dispatcher
         self.state = state
@@ -263,6 +263,7 @@ class AutoChannel:
                 self.creds.agent_token,
                 hello,
                 open_timeout_s=self.client.deadline_s,
+                compression=self.compression,
             )
         except WebSocketUnavailable as exc:
             return self._unavailable(str(exc))

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .schemas import DATA_MODELS, EventIn
+from .schemas import DATA_MODELS, EventIn, Source
 from .store import ApiError, Store, loads_or, row_dict, utcnow_iso
 
 SUPPORTED_SCHEMA_VERSIONS = ("1.1",)
@@ -66,7 +66,6 @@ def ingest_many_in(
     """:func:`ingest_many` inside the caller's transaction (the websocket stores an events
     frame and its confirmed seq together). Every check that can refuse an event runs before
     it writes anything, so no savepoint is needed; a batch's stub row is written once."""
-    results: list[tuple[int, bool] | ApiError] = []
     seen = _Seen(utcnow_iso())
     ids = list({e.event_id for e in events if e.event_id})
     for start in range(0, len(ids), 500):  # one query for the batch's duplicates
@@ -77,13 +76,37 @@ def ingest_many_in(
         ):
             seen.known[row["event_id"]] = int(row["id"])
     seen.prefetched = True
-    for event in events:
+    # Check every event first, then insert the new ones with one executemany (a fifth of the
+    # websocket's ingest time went to one execute per event), then apply them in order.
+    outcomes: list[tuple[int, bool] | ApiError | None] = [None] * len(events)
+    fresh: list[tuple[int, EventIn, tuple[Any, ...]]] = []
+    first_of: dict[str, int] = {}  # event_id -> index of its first, not yet inserted, copy
+    for index, event in enumerate(events):
         try:
             _check_envelope(event)
-            results.append(_store_event(db, event, owner_id, seen))
+            if event.event_id in seen.known:
+                outcomes[index] = (seen.known[event.event_id], True)
+            elif event.event_id is not None and event.event_id in first_of:
+                continue  # a copy of an earlier event of this batch: settled below
+            else:
+                fresh.append((index, event, _row(event, seen)))
+                if event.event_id is not None:
+                    first_of[event.event_id] = index
         except ApiError as exc:
-            results.append(exc)
-    return results
+            outcomes[index] = exc
+    if fresh:
+        db.executemany(_INSERT_EVENT, [row for _, _, row in fresh])
+        # AUTOINCREMENT ids are consecutive within one statement of one writer.
+        last = int(db.execute("SELECT last_insert_rowid()").fetchone()[0])
+        for offset, (index, event, _) in enumerate(fresh, start=last - len(fresh) + 1):
+            outcomes[index] = (offset, False)
+            _apply(db, event, owner_id, seen)
+            if event.event_id is not None:
+                seen.known[event.event_id] = offset
+    for index, event in enumerate(events):
+        if outcomes[index] is None:  # a copy: the first one's id
+            outcomes[index] = (seen.known[str(event.event_id)], True)
+    return [o for o in outcomes if o is not None]
 
 
 def event_result(event_id: str | None, outcome: tuple[int, bool] | ApiError) -> dict[str, Any]:
@@ -134,6 +157,14 @@ class _Seen:
         self.stubbed: set[str] = set()
         self.known: dict[str, int] = {}
         self.prefetched = False
+        #: Stored ``source`` JSON by its fields: a frame's events mostly share one source.
+        self.sources: dict[tuple[Any, ...], str | None] = {}
+
+    def source_json(self, source: Source) -> str | None:
+        key = tuple(source.__dict__.values())
+        if key not in self.sources:
+            self.sources[key] = _dumps(source.model_dump())
+        return self.sources[key]
 
 
 def _store_event(
@@ -149,6 +180,22 @@ def _store_event(
         row = db.execute("SELECT id FROM events WHERE event_id = ?", (event.event_id,)).fetchone()
         if row is not None:
             return int(row["id"]), True
+    cur = db.execute(_INSERT_EVENT, _row(event, seen))
+    _apply(db, event, owner_id, seen)
+    db_id = int(cur.lastrowid or 0)
+    if event.event_id:
+        seen.known[event.event_id] = db_id
+    return db_id, False
+
+
+_INSERT_EVENT = (
+    "INSERT INTO events (event_id, batch_id, job_id, event_type, timestamp, "
+    "schema_version, source, data, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _row(event: EventIn, seen: _Seen) -> tuple[Any, ...]:
+    """The event's ``events`` row, after checking its data and job_id (ApiError 422 / 400)."""
     model = DATA_MODELS.get(event.event_type)
     if model is not None:
         try:
@@ -157,26 +204,17 @@ def _store_event(
             raise ApiError(422, json.loads(exc.json())) from exc
     if event.event_type in _JOB_EVENTS_NEED_ID and event.job_id is None:
         raise ApiError(400, _JOB_EVENTS_NEED_ID[event.event_type])
-    cur = db.execute(
-        "INSERT INTO events (event_id, batch_id, job_id, event_type, timestamp, "
-        "schema_version, source, data, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            event.event_id,
-            event.batch_id,
-            event.job_id,
-            event.event_type,
-            event.timestamp,
-            event.schema_version,
-            _dumps(event.source.model_dump()),
-            _dumps(event.data),
-            seen.now,
-        ),
+    return (
+        event.event_id,
+        event.batch_id,
+        event.job_id,
+        event.event_type,
+        event.timestamp,
+        event.schema_version,
+        seen.source_json(event.source),
+        _dumps(event.data),
+        seen.now,
     )
-    _apply(db, event, owner_id, seen)
-    db_id = int(cur.lastrowid or 0)
-    if event.event_id:
-        seen.known[event.event_id] = db_id
-    return db_id, False
 
 
 def record_server_event(

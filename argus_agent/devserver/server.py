@@ -3,7 +3,8 @@
 :class:`DevServer` binds its own socket (so ``port=0`` works and the real port is known),
 then runs uvicorn on it in a thread with its own event loop. The database outlives the
 server when it is a file: a new DevServer on the same file and port finds all data. It also
-configures uvicorn's websocket side (frame limit, pings, no compression) for :mod:`.ws`.
+configures uvicorn's websocket side (frame limit, pings, permessage-deflate when offered)
+for :mod:`.ws`.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ class DevServer:
                 ws_max_size=wsproto.MAX_FRAME_BYTES,
                 ws_ping_interval=self.ws_options.ping_interval_s,
                 ws_ping_timeout=self.ws_options.ping_timeout_s,
-                ws_per_message_deflate=False,
+                ws_per_message_deflate=True,  # used only when the agent offers it
                 loop="asyncio",
                 timeout_graceful_shutdown=2,
             )
@@ -248,13 +249,14 @@ def serve(
     poll_interval_s: float,
     *,
     websocket: bool = True,
+    rate_limit: bool = True,
 ) -> None:
     """Run a dev server in the foreground until SIGINT or SIGTERM (the ``dev-server`` command).
 
     Prints ``argus dev-server listening on <url>`` and then one ``user <name> token <token>``
     line per user (each gets a fresh em_live token). *websocket* False serves no websocket
-    endpoint (as Argus v0.3.0). Must be called from the main thread. Raises OSError when the
-    port is taken.
+    endpoint (as Argus v0.3.0); *rate_limit* False turns the ingest limit off. Must be called
+    from the main thread. Raises OSError when the port is taken.
     """
     stop = threading.Event()
 
@@ -268,6 +270,7 @@ def serve(
         port=port,
         poll_interval_s=poll_interval_s,
         websocket=websocket,
+        ingest_rate_limit=rate_limit,
     )
     try:
         srv.start()

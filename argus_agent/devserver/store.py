@@ -199,6 +199,9 @@ class Store:
             if self.path != ":memory:":
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
+            # 64 MiB of page cache: the event_id index takes random inserts, and SQLite's
+            # default 2 MiB made ingest slow down as the table grew (bench/websocket.py).
+            self._db.execute("PRAGMA cache_size=-65536")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
 

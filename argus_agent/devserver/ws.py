@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
@@ -141,6 +141,20 @@ def close_reason(text: str) -> str:
     if len(raw) <= _MAX_CLOSE_REASON_BYTES:
         return text
     return raw[: _MAX_CLOSE_REASON_BYTES - 3].decode("utf-8", "ignore") + "..."
+
+
+_EVENT_LIST: TypeAdapter[list[EventIn]] = TypeAdapter(list[EventIn])
+
+
+def _rejection(raw: dict[str, Any], exc: ValidationError) -> wsproto.Rejection:
+    """An envelope that is not one: the first problem, and its event_id where readable."""
+    first = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in first["loc"]) or "event"
+    event_id = raw.get("event_id")
+    return wsproto.Rejection(
+        event_id=event_id if isinstance(event_id, str) and len(event_id) <= 128 else None,
+        error=_trim(f"{where}: {first['msg']}", wsproto.MAX_ACK_ERROR_CHARS) or "invalid",
+    )
 
 
 def _trim(text: str, limit: int) -> str:
@@ -489,41 +503,40 @@ class _Session:
         return wsproto.AckResult(cmd_id=ack.cmd_id, result="ok")
 
     def _events(self, frame: wsproto.Events) -> wsproto.Confirm | None:
-        """Store the frame's events and its seq in one transaction; the confirm, or None when
-        the database failed (nothing of the frame is then stored)."""
-        results: list[dict[str, Any] | None] = [None] * len(frame.events)
-        valid: list[tuple[int, EventIn]] = []
-        for index, raw in enumerate(frame.events):
-            try:
-                valid.append((index, EventIn.model_validate(raw)))
-            except ValidationError as exc:
-                first = exc.errors(include_url=False)[0]
-                where = ".".join(str(p) for p in first["loc"]) or "event"
-                event_id = raw.get("event_id")
-                results[index] = {
-                    "event_id": event_id
-                    if isinstance(event_id, str) and len(event_id) <= 128
-                    else None,
-                    "status": "rejected",
-                    "db_id": None,
-                    "error": _trim(f"{where}: {first['msg']}", wsproto.MAX_ACK_ERROR_CHARS),
-                }
+        """Store the frame's events and its seq in one transaction; the confirm (listing only
+        the rejected events), or None when the database failed (nothing is then stored)."""
+        rejections: dict[int, wsproto.Rejection] = {}  # by the event's index in the frame
+        try:  # the whole frame in one validation call; one by one only when something is off
+            valid = _EVENT_LIST.validate_python(frame.events)
+            indices = list(range(len(valid)))
+        except ValidationError:
+            valid, indices = [], []
+            for index, raw in enumerate(frame.events):
+                try:
+                    valid.append(EventIn.model_validate(raw))
+                    indices.append(index)
+                except ValidationError as exc:
+                    rejections[index] = _rejection(raw, exc)
         try:
             with self.store.tx() as db:
-                outcomes = ingest.ingest_many_in(db, [event for _, event in valid], self.owner_id)
+                outcomes = ingest.ingest_many_in(db, valid, self.owner_id)
                 Store.raise_confirmed_seq(db, self.agent_id, frame.seq)
                 Store.touch_agent(db, self.agent_id)
         except sqlite3.Error:
             _log.exception("could not store events frame %d of %s", frame.seq, self.agent_id)
             return None
         self._touched = time.monotonic()
-        for (index, event), outcome in zip(valid, outcomes, strict=True):
-            result = ingest.event_result(event.event_id, outcome)
-            if result["error"] is not None:
-                result["error"] = _trim(result["error"], wsproto.MAX_ACK_ERROR_CHARS)
-            results[index] = result
-        answer = ingest.batch_answer([r for r in results if r is not None])
-        return wsproto.Confirm.from_rest(frame.seq, answer)
+        for index, event, outcome in zip(indices, valid, outcomes, strict=True):
+            if isinstance(outcome, ApiError):
+                error = _trim(str(outcome.detail), wsproto.MAX_ACK_ERROR_CHARS) or "rejected"
+                rejections[index] = wsproto.Rejection(event_id=event.event_id, error=error)
+        return wsproto.Confirm(
+            seq=frame.seq,
+            accepted=len(frame.events) - len(rejections),
+            rejected=len(rejections),
+            deduplicated=sum(1 for o in outcomes if not isinstance(o, ApiError) and o[1]),
+            rejections=[rejections[i] for i in sorted(rejections)],
+        )
 
     async def _push_loop(self) -> None:
         """Push every pending command not yet pushed on this connection, then wait for the

@@ -2,10 +2,12 @@
 
 A user sees one clear line per error on stderr; a traceback only with ``--debug``.
 
-Exit codes: 0 ok, 1 unexpected error, 2 usage, 3 config error, 4 state/token/auth problem
-(also: another agent runs on the state dir), 5 server unreachable or refusing, 6 a loop of
-the running daemon crashed (systemd restarts it), 130 interrupted; `config check` exits 0
-or 1.
+Exit codes (each error class carries its own ``exit_code``): 0 ok, 1 unexpected error or a
+state database unusable now, 2 usage, 3 config error, 4 state/token/auth problem (also:
+another agent runs on the state dir), 5 server unreachable or refusing, 6 a loop of the
+running daemon crashed (systemd restarts it), 130 interrupted. `config check` exits 0 or 1;
+`status` 0 healthy, 1 degraded, 2 no agent; `drain`/`undrain`/`stop` 0 done, 1 refused, 2 no
+agent. Every command's codes: docs/exit-codes.md (checked by tests/test_exit_codes.py).
 """
 
 from __future__ import annotations
@@ -18,12 +20,18 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
 from argus_agent import __version__, views
-from argus_agent.config import Settings, default_config_path, load_settings, redacted_dump
+from argus_agent.config import (
+    Settings,
+    default_config_path,
+    describe_sources,
+    load_settings,
+    redacted_dump,
+)
 from argus_agent.errors import AgentError, ConfigError, StateError
 from argus_agent.logsetup import configure, get_logger, redact_text
 
@@ -51,7 +59,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"argus-agent {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("run", parents=[common], help="run the daemon in the foreground (default)")
+    sub.add_parser(
+        "run",
+        parents=[common],
+        help="run the daemon in the foreground (default)",
+        description="Run the agent in the foreground. SIGTERM or Ctrl-C stops it (running "
+        "jobs keep running); SIGHUP (`systemctl reload argus-agent`) re-reads the config "
+        "file and applies what can change at run time (log level, intervals, the jobs "
+        "policy, telemetry switches), logging what changed and what needs a restart; an "
+        "invalid new config is refused and the running one kept.",
+    )
     reg = sub.add_parser(
         "register", parents=[common], help="register this host with the Argus server"
     )
@@ -65,8 +82,22 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="register again even if registered (rotates the agent token)",
     )
-    st = sub.add_parser("status", parents=[common], help="show what the running agent is doing")
-    st.add_argument("--json", action="store_true", help="print the raw status document")
+    from argus_agent import statuscheck
+
+    st = sub.add_parser(
+        "status",
+        parents=[common],
+        help="show what the running agent is doing (exit 0 healthy, 1 degraded, 2 no agent)",
+        description=statuscheck.HELP_DESCRIPTION,
+        epilog=statuscheck.HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    st.add_argument(
+        "--json",
+        action="store_true",
+        help="print the status document with its verdict (schema argus-agent.status.v1, "
+        "documented in docs/status.md)",
+    )
     sub.add_parser("jobs", parents=[common], help="list the jobs this host's agent knows")
     logs = sub.add_parser("logs", parents=[common], help="print a job's log")
     logs.add_argument("batch_id", help="the Argus batch id of the job (the rerun batch)")
@@ -74,10 +105,24 @@ def _parser() -> argparse.ArgumentParser:
         "-f", "--follow", action="store_true", help="keep printing new output until the job ends"
     )
     logs.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
+    _operator_parsers(sub, common)
     cfg = sub.add_parser("config", parents=[common], help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     cfg_sub.add_parser(
-        "check", parents=[common], help="validate and print the effective config (secrets redacted)"
+        "check",
+        parents=[common],
+        help="list the file and variables read, validate, and print the effective config "
+        "(secrets redacted); exit 0 when valid, 1 when not",
+    )
+    cfg_sub.add_parser(
+        "reference",
+        parents=[common],
+        help="print the configuration reference (Markdown; docs/configuration.md is this)",
+    )
+    cfg_sub.add_parser(
+        "example",
+        parents=[common],
+        help="print the commented starter config that `init` writes",
     )
     init = sub.add_parser("init", parents=[common], help="write a commented starter config")
     init.add_argument("path", nargs="?", type=Path, help="where (default: the default path)")
@@ -98,28 +143,52 @@ def _parser() -> argparse.ArgumentParser:
         "dev-server",
         parents=[common],
         help="run the reference Argus-compatible server (for development)",
+        description="Run the reference Argus-compatible server in the foreground until "
+        "Ctrl-C or SIGTERM: Argus v0.3.0's agent, batch and event endpoints, the websocket "
+        "endpoint of argus-agent.v1, and /api/_dev routes for tests (listings, user "
+        "creation, fault injection). Prints its URL, then one 'user NAME token em_live_...' "
+        "line per --user. Its /api/_dev routes have NO authentication: keep it on "
+        "127.0.0.1. Walk-through with curl: docs/devserver.md.",
     )
-    dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=8000)
-    dev.add_argument("--db", default=":memory:", help="SQLite file (default: in memory)")
+    dev.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only; any other "
+        "address is warned about, since /api/_dev has no authentication)",
+    )
+    dev.add_argument(
+        "--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: 8000)"
+    )
+    dev.add_argument(
+        "--db",
+        default=":memory:",
+        metavar="FILE",
+        help="SQLite file that keeps users, agents, batches, commands and events across "
+        "restarts (default: :memory:, gone when the server stops)",
+    )
     dev.add_argument(
         "--user",
         action="append",
         default=[],
-        help="create this user and print its em_live_ token (repeatable)",
+        metavar="NAME",
+        help="create user NAME and print a new em_live_ reporter token for it; repeatable "
+        "(default: no user, and a hint on how to get a token)",
     )
     dev.add_argument(
         "--poll-interval",
         type=float,
         default=10.0,
-        help="poll_interval_s the server hands to agents",
+        metavar="SECONDS",
+        help="poll_interval_s the server hands to agents when they register (default: 10, "
+        "as Argus v0.3.0)",
     )
     dev.add_argument(
         "--no-websocket",
         dest="websocket",
         action="store_false",
         help="serve no websocket endpoint (GET /api/agents/{id}/ws answers HTTP 403, as from "
-        "an unmodified Argus v0.3.0), so agents fall back to REST polling",
+        "an unmodified Argus v0.3.0), so agents fall back to REST polling (default: the "
+        "websocket endpoint is served)",
     )
     dev.add_argument(
         "--no-rate-limit",
@@ -129,6 +198,51 @@ def _parser() -> argparse.ArgumentParser:
         "requests, then 10 a second per token, answered 429 with Retry-After)",
     )
     return parser
+
+
+def _operator_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """`drain`, `undrain`, `stop`: requests to the running agent (operator_commands.py)."""
+    codes = (
+        "Talks to the agent running on this host's state dir over its control socket; only "
+        "root and the agent's own user may. Exit codes: 0 done, 1 refused by the agent (its "
+        "reason is printed), 2 no agent running or answering."
+    )
+    drain = sub.add_parser(
+        "drain",
+        parents=[common],
+        help="refuse new reruns on this host (running jobs go on)",
+        description="Drain this host: from now on the agent refuses every new rerun (acked "
+        "'failed' with reason 'host draining[: REASON]', and the rerun's batch ends failed), "
+        "while running jobs go on and stops still work. Survives agent restarts until "
+        "`argus-agent undrain`. Who drained and when is recorded in the audit log and "
+        f"shown by `argus-agent status`. {codes}",
+    )
+    drain.add_argument(
+        "--reason", metavar="TEXT", help="why (added to the refusals; at most 500 characters)"
+    )
+    sub.add_parser(
+        "undrain",
+        parents=[common],
+        help="accept reruns again after `drain`",
+        description=f"End a drain: the agent accepts reruns again (audited). {codes}",
+    )
+    stop = sub.add_parser(
+        "stop",
+        parents=[common],
+        help="stop a job this agent supervises, as Argus' Stop button does",
+        description="Stop the job of BATCH_ID on this host with the same escalation as a "
+        "stop from the server: SIGTERM to its whole process tree, SIGKILL to what is left "
+        "after the grace period (jobs.stop_grace_s unless --grace). Audited with your user; "
+        "the batch ends 'failed' in Argus as after a server stop. A job already stopping "
+        f"keeps its first grace period. {codes}",
+    )
+    stop.add_argument("batch_id", help="the Argus batch id of the job (see `argus-agent jobs`)")
+    stop.add_argument(
+        "--grace",
+        type=float,
+        metavar="S",
+        help="seconds between SIGTERM and SIGKILL, 0 to 3600 (default: jobs.stop_grace_s)",
+    )
 
 
 def _normalise_argv(argv: Sequence[str]) -> list[str]:
@@ -182,14 +296,17 @@ def _dispatch(command: str, args: argparse.Namespace) -> int:
 
         configure("warning" if not getattr(args, "debug", False) else "debug")
         return run_demo(keep=args.keep)
+    if command == "config":
+        return _cmd_config(args)
     settings = _settings(args)
     level = "debug" if getattr(args, "debug", False) else settings.agent.log_level
     configure(level)
-    if command == "config":
-        print(json.dumps(redacted_dump(settings), indent=2))
-        return 0
     if command == "register":
         return _cmd_register(settings, args)
+    if command in ("drain", "undrain", "stop"):
+        from argus_agent.operator_commands import run_operator_command
+
+        return run_operator_command(command, settings, args)
     if command == "status":
         return _cmd_status(settings, as_json=args.json)
     if command in ("jobs", "logs"):
@@ -198,6 +315,9 @@ def _dispatch(command: str, args: argparse.Namespace) -> int:
         jobs_dir = settings.agent.state_dir / "jobs"
         views.state_dir_readable(settings.agent.state_dir)
         if not jobs_dir.is_dir():
+            if command == "jobs":  # the agent has not launched a job yet: an empty table
+                print(views.format_jobs([]))
+                return 0
             raise StateError(f"{jobs_dir}: no jobs recorded on this host yet")
         store = JobStore(jobs_dir)
         if command == "jobs":
@@ -205,7 +325,30 @@ def _dispatch(command: str, args: argparse.Namespace) -> int:
         else:
             views.print_log(store, args.batch_id, tail=args.tail, follow=args.follow)
         return 0
-    return _cmd_run(settings)
+    return _cmd_run(settings, lambda: _settings(args))
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    """`config check`: the sources read, then the effective config (exit 0) or one line per
+    mistake (exit 1, see main). `config reference` / `example`: the texts generated from the
+    config model (docs/configuration.md, config.example.toml)."""
+    from argus_agent import configdoc
+
+    if args.config_command == "reference":
+        print(configdoc.reference_markdown(), end="")
+        return 0
+    if args.config_command == "example":
+        print(configdoc.example_toml(), end="")
+        return 0
+    path = getattr(args, "config", None)
+    print("sources (lowest precedence first):")
+    for line in describe_sources(path):
+        print(f"  {line}")
+    sys.stdout.flush()  # before a mistake goes to stderr
+    settings = load_settings(path)
+    print("effective configuration (secrets redacted):")
+    print(json.dumps(redacted_dump(settings), indent=2))
+    return 0
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -243,7 +386,12 @@ def _cmd_schema(out: Path | None) -> int:
 
 def _cmd_register(settings: Settings, args: argparse.Namespace) -> int:
     from argus_agent.credentials import read_user_token
-    from argus_agent.registration import register_host
+    from argus_agent.registration import (
+        AlreadyRegisteredError,
+        force_warning,
+        register_host,
+        reporter_token_hint,
+    )
 
     token_file = args.token_file or settings.server.token_file
     if token_file:
@@ -255,23 +403,42 @@ def _cmd_register(settings: Settings, args: argparse.Namespace) -> int:
             "register needs an Argus reporter token: set ARGUS_TOKEN=em_live_... "
             "or pass --token-file FILE (or set server.token_file)"
         )
-    creds = asyncio.run(register_host(settings, token, force=args.force))
-    print(
-        f"registered {settings.agent.hostname} with {creds.server_url} as {creds.agent_id}; "
-        f"token saved to {settings.token_path} (mode 0600)"
-    )
+    try:
+        creds = asyncio.run(register_host(settings, token, force=args.force))
+    except AlreadyRegisteredError as exc:
+        print(str(exc))  # not a failure: provisioning scripts register again
+        print(force_warning(settings.agent.hostname))
+    else:
+        print(
+            f"registered {settings.agent.hostname} with {creds.server_url} as "
+            f"{creds.agent_id}; token saved to {settings.token_path} (mode 0600)"
+        )
+        if args.force:
+            print(force_warning(settings.agent.hostname, done=True))
+    config_path = getattr(args, "config", None) or default_config_path()
+    if hint := reporter_token_hint(settings, config_path, args.token_file):
+        print(hint)
     return 0
 
 
 def _cmd_status(settings: Settings, *, as_json: bool) -> int:
-    from argus_agent.control import SOCKET_NAME, query_status
+    """Exit 0 healthy, 1 degraded (``statuscheck.health_verdict``), 2 no agent answers
+    (AgentNotAnswering's exit code, with its one line on stderr)."""
+    from argus_agent import statuscheck
+    from argus_agent.control import SOCKET_NAME
 
-    status = query_status(settings.agent.state_dir / SOCKET_NAME)
+    try:
+        status = statuscheck.ask_status(settings.agent.state_dir / SOCKET_NAME)
+    except statuscheck.AgentNotAnswering as exc:
+        if as_json:  # a monitoring system parsing stdout still gets a document
+            print(json.dumps(statuscheck.unreachable_document(exc), indent=2))
+        raise
+    verdict = statuscheck.health_verdict(status)
     if as_json:
-        print(json.dumps(status, indent=2))
-        return 0
-    print(views.format_status(status))
-    return 0 if status.get("channel", {}).get("state") == "connected" else 1
+        print(json.dumps(statuscheck.json_document(status, verdict), indent=2))
+    else:
+        print(views.format_status(status, verdict))
+    return verdict.code
 
 
 def _raise_fd_limit() -> None:
@@ -286,8 +453,9 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, 1 << 20), hard))
 
 
-def _cmd_run(settings: Settings) -> int:
+def _cmd_run(settings: Settings, reload_settings: Callable[[], Settings]) -> int:
     from argus_agent.daemon import Agent
+    from argus_agent.reload import Reloader
 
     _raise_fd_limit()
 
@@ -310,7 +478,14 @@ def _cmd_run(settings: Settings) -> int:
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, _on_signal, signum)
-        await Agent(settings).run(shutdown)
+        agent = Agent(settings)
+        # SIGHUP (`systemctl reload`): re-read the config, apply what can change at run time.
+        reloader = Reloader(agent, reload_settings)
+        loop.add_signal_handler(signal.SIGHUP, reloader.request)
+        try:
+            await agent.run(shutdown)
+        finally:
+            await reloader.close()
 
     asyncio.run(_main())
     return 0
@@ -325,15 +500,28 @@ def _cmd_dev_server(args: argparse.Namespace) -> int:
             f"pip install '/path/to/argus-agent-checkout[server]' ({exc})"
         ) from None
     configure("info")
-    serve(
-        args.host,
-        args.port,
-        args.db,
-        args.user,
-        args.poll_interval,
-        websocket=args.websocket,
-        rate_limit=args.rate_limit,
-    )
+    try:
+        serve(
+            args.host,
+            args.port,
+            args.db,
+            args.user,
+            args.poll_interval,
+            websocket=args.websocket,
+            rate_limit=args.rate_limit,
+        )
+    except OSError as exc:
+        import errno
+        import socket
+
+        bind_errors = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
+        if not isinstance(exc, socket.gaierror) and exc.errno not in bind_errors:
+            raise
+        # The port is taken, or the address is not this host's: the options are wrong.
+        raise ConfigError(
+            f"dev-server: cannot listen on {args.host} port {args.port}: "
+            f"{exc.strerror or exc}; choose another --host or --port (--port 0 picks a free one)"
+        ) from None
     return 0
 
 

@@ -1,25 +1,30 @@
-"""The agent's configuration: a TOML file, overridden by environment variables.
+"""The agent's configuration: the schema, every key's description, and loading.
 
-Owns the schema (pydantic, unknown keys refused) and turns every mistake into one readable
-line naming where the value came from, the key, the bad value and what was expected::
+Owns the pydantic models (unknown keys refused; each field's ``description`` is the one text
+that ``configdoc`` renders into docs/configuration.md and config.example.toml, so the
+reference cannot drift) and :func:`load_settings`. Sources, lowest precedence first: built-in
+defaults, the TOML file, ``ARGUS_AGENT_<SECTION>_<KEY>`` variables, then ``ARGUS_URL`` /
+``ARGUS_TOKEN`` (the names Argus' SDK uses). ``configsources`` reads them (from the
+environment a list or a table is JSON, ``ARGUS_AGENT_JOBS_USERS='{"alice": "alice"}'``) and
+``configerrors`` turns every mistake into one line naming the source, the key, the value and
+what was expected::
 
     config.toml: server.url: expected an http:// or https:// URL, got 'ftp://x'
 
-Sources, lowest precedence first: built-in defaults, the TOML file, ``ARGUS_AGENT_<SECTION>_<KEY>``
-environment variables, then ``ARGUS_URL`` / ``ARGUS_TOKEN`` (the names Argus' own SDK uses).
-Reading the file (and checking that a file holding ``server.token`` is private) is the only
-I/O done here.
+The environment is read by our own few dozen lines rather than pydantic-settings, which
+would ignore an unknown ``ARGUS_AGENT_*`` variable (a typo would silently do nothing; here it
+is an error listing the keys), forget which source gave each value (every message here
+names the file or the variable), and report bad JSON as a ``SettingsError`` naming neither
+the variable nor the shape expected; it would also be one more dependency on every host.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import re
 import shlex
 import socket
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -27,13 +32,15 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from argus_agent.credentials import shared_mode_fix
+from argus_agent import configerrors, configsources
+from argus_agent.configsources import SECRET_KEYS
 from argus_agent.errors import ConfigError
 
-ENV_PREFIX = "ARGUS_AGENT_"
 USER_NAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$", re.IGNORECASE)
 SYSTEM_CONFIG_PATH = Path("/etc/argus-agent/config.toml")
 SYSTEM_STATE_DIR = Path("/var/lib/argus-agent")
+#: ``json_schema_extra`` key: how the reference shows a default computed on the host.
+DEFAULT_TEXT = "default_text"
 
 
 def running_as_root() -> bool:
@@ -62,19 +69,50 @@ class _Section(BaseModel):
 class ServerSettings(_Section):
     """How to reach the Argus server."""
 
-    url: str = "http://127.0.0.1:8000"
-    token: str | None = Field(default=None, repr=False)
-    token_file: Path | None = None
-    allow_insecure_http: bool = False
-    timeout_s: float = Field(default=10.0, gt=0, le=300)
-    #: How commands reach the agent: ``auto`` (the websocket when the server offers it, else
-    #: REST polling, probing the websocket again every 10 minutes), ``websocket`` (only the
-    #: websocket, never polling) or ``poll`` (only REST polling, as Argus v0.3.0).
-    transport: Literal["auto", "websocket", "poll"] = "auto"
-    #: Offer ``permessage-deflate`` on the websocket (used when the server accepts it). Off:
-    #: on loopback and LANs it costs CPU for nothing; over links slower than a few hundred
-    #: Mb/s it drains a large backlog faster (bench/README.md has the measurement).
-    websocket_compression: bool = False
+    url: str = Field(
+        default="http://127.0.0.1:8000",
+        description="The Argus server. Plain http:// is only allowed to a loopback address, "
+        "unless allow_insecure_http = true (tokens would travel in clear text).",
+    )
+    token: str | None = Field(
+        default=None,
+        repr=False,
+        examples=["em_live_..."],
+        description="Your Argus reporter token (em_live_...): `argus-agent register` uses it, "
+        "and the agent sends the telemetry of the runs it starts with it. Prefer the "
+        "ARGUS_TOKEN environment variable, `register --token-file` or token_file over writing "
+        "it here; a config file that holds it must be private to its owner (chmod 600).",
+    )
+    token_file: Path | None = Field(
+        default=None,
+        examples=["/etc/argus-agent/reporter-token"],
+        description="A file holding the reporter token, read instead of token (mode 0600).",
+    )
+    allow_insecure_http: bool = Field(
+        default=False,
+        description="Allow a plain http:// url to a host that is not a loopback address.",
+    )
+    timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="Timeout of one HTTP request to the server, seconds.",
+    )
+    transport: Literal["auto", "websocket", "poll"] = Field(
+        default="auto",
+        description='How commands reach the agent. "auto" uses the server\'s websocket '
+        "(argus-agent.v1) when it offers one, for commands in milliseconds and events on the "
+        "same connection, and else polls over REST (an unmodified Argus v0.3.0), probing the "
+        'websocket again every 10 minutes. "websocket": only the websocket, never polling. '
+        '"poll": only REST polling.',
+    )
+    websocket_compression: bool = Field(
+        default=False,
+        description="Offer permessage-deflate on the websocket (used when the server accepts "
+        "it): about 10x smaller frames for about 2 ms of CPU per 500 events; worth it over "
+        "links slower than a few hundred Mb/s, a loss on a LAN (bench/README.md has the "
+        "measurement).",
+    )
 
     @field_validator("url")
     @classmethod
@@ -111,16 +149,76 @@ class ServerSettings(_Section):
 class AgentSettings(_Section):
     """The daemon itself: identity, state, timing and logging."""
 
-    state_dir: Path = Field(default_factory=default_state_dir)
-    hostname: str = Field(default_factory=socket.gethostname, min_length=1, max_length=255)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    poll_interval_s: float | None = Field(default=None, gt=0, le=3600)
-    heartbeat_interval_s: float = Field(default=30.0, gt=0, le=3600)
-    backoff_initial_s: float = Field(default=1.0, gt=0, le=60)
-    backoff_max_s: float = Field(default=60.0, gt=0, le=3600)
-    auth_retry_s: float = Field(default=300.0, gt=0, le=86400)
-    stall_timeout_s: float = Field(default=60.0, gt=0, le=3600)
-    host_aliases: list[str] = Field(default_factory=list)
+    state_dir: Path = Field(
+        default_factory=default_state_dir,
+        examples=["/var/lib/argus-agent"],
+        json_schema_extra={DEFAULT_TEXT: "/var/lib/argus-agent as root, else ~/.argus-agent"},
+        description="Where the agent keeps its token (token.json, mode 0600), command ledger "
+        "and job records.",
+    )
+    hostname: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        max_length=255,
+        examples=["gpu-node-01"],
+        json_schema_extra={DEFAULT_TEXT: "this host's name (socket.gethostname())"},
+        description="The host name sent to Argus; must equal what the SDK records "
+        "(socket.gethostname()).",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info",
+        description="How much the agent logs (to stderr: the journal under systemd).",
+    )
+    poll_interval_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=3600,
+        examples=[10.0],
+        description="Seconds between polls for commands. Unset: what the server said at "
+        "register time (10 s).",
+    )
+    heartbeat_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Seconds between the heartbeats that tell the server this host's agent is "
+        "alive, while no websocket is open (an open websocket is itself the liveness).",
+    )
+    backoff_initial_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="After a connection error, timeout or 5xx, the first retry comes within "
+        "this many seconds; later ones back off exponentially, with full jitter.",
+    )
+    backoff_max_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="The longest wait between two retries, seconds (at least backoff_initial_s).",
+    )
+    auth_retry_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=86400,
+        description="After the server rejected the agent token (re-registered elsewhere or "
+        "revoked), retry this often; run `argus-agent register --force` to fix it (a new "
+        "token.json is noticed within a second, without waiting for the retry).",
+    )
+    stall_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="A loop of the agent (polling, sending, sampling, ...) stuck in one call "
+        "longer than this (seconds, more than server.timeout_s) makes the agent unhealthy: "
+        "systemd's watchdog is no longer fed, STATUS= and `argus-agent status` name the loop, "
+        "and systemd restarts the agent.",
+    )
+    host_aliases: list[str] = Field(
+        default_factory=list,
+        description="Other names of this host. A rerun is refused unless the batch's recorded "
+        "host is this host's name or one of these (compared case-insensitively).",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -173,26 +271,171 @@ DEFAULT_PRIVILEGED_GROUPS = ("docker", "lxd", "disk", "shadow")
 
 
 class JobSettings(_Section):
-    """How relaunched runs are started, run, logged and stopped."""
+    """How relaunched runs are started, run, logged and stopped, and who they run as."""
 
-    shell: list[str] = Field(default_factory=lambda: ["/bin/sh", "-c"], min_length=1)
-    default_cwd: Path | None = None
-    stop_grace_s: float = Field(default=20.0, ge=0, le=3600)
-    unkillable_wait_s: float = Field(default=10.0, gt=0, le=3600)
-    inherit_argus_token: bool = False
-    run_as: str | None = None
-    users: dict[str, str] = Field(default_factory=dict)
-    allow_root: bool = False
-    privileged_groups: list[str] = Field(default_factory=lambda: list(DEFAULT_PRIVILEGED_GROUPS))
-    allow_privileged_groups: bool = False
-    allowed_requesters: list[str] = Field(default_factory=list)
-    env_deny: list[str] = Field(default_factory=lambda: list(DEFAULT_ENV_DENY))
-    max_command_age_s: float = Field(default=3600.0, gt=0)
-    max_clock_skew_s: float = Field(default=300.0, ge=0, le=86400)
-    max_jobs: int | None = Field(default=None, ge=1)
-    log_max_bytes: int = Field(default=1 << 30, ge=4096)
-    kill_leftovers: bool = True
-    retention_days: float = Field(default=14.0, gt=0)
+    shell: list[str] = Field(
+        default_factory=lambda: ["/bin/sh", "-c"],
+        min_length=1,
+        description="The shell that runs a relaunched command line: the line is passed as "
+        'the last argument. Overrides reach the command as positional parameters ("$@"), '
+        "never quoted into the line, so reruns with overrides need a POSIX shell here (sh, "
+        "bash, dash, ksh, zsh) ending in -c. A string is split like a shell command line.",
+    )
+    default_cwd: Path | None = Field(
+        default=None,
+        examples=["/srv/training"],
+        description="Working directory when the source batch recorded none. Unset: the home "
+        "directory of the user the job runs as.",
+    )
+    stop_grace_s: float = Field(
+        default=20.0,
+        ge=0,
+        le=3600,
+        description="Seconds between SIGTERM and SIGKILL when a job is stopped.",
+    )
+    unkillable_wait_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="After SIGKILL, how long (seconds) processes that will not die "
+        "(uninterruptible sleep on NFS or a GPU driver, a setuid program) may hold up a stop; "
+        "then the job is recorded as ended with their pids in the reason, and reported.",
+    )
+    inherit_argus_token: bool = Field(
+        default=False,
+        description="Pass the agent's ARGUS_TOKEN on to the jobs it starts (off: jobs get "
+        "ARGUS_URL and the batch ids, and whatever environment the source batch recorded).",
+    )
+    run_as: str | None = Field(
+        default=None,
+        examples=["trainer"],
+        description="Run every job as this one OS user instead of the batch's owner (the "
+        'Argus account that pressed Rerun must be mapped to it, or to "*", in users).',
+    )
+    users: dict[str, str] = Field(
+        default_factory=dict,
+        examples=[{"alice": "alice", "bob.smith": "bob", "admin": "*"}],
+        description="Who a job runs as. A job runs as the OS user Argus recorded for the "
+        "batch (its `user`, read with the reporter token; else the environment snapshot's "
+        "USER), never as the Argus account that pressed Rerun: that account only decides "
+        "whether the rerun is allowed. A per-user agent (not root) runs only batches recorded "
+        "as its own OS user. A system agent (root) runs a batch as its owner only when this "
+        'table maps the Argus account that pressed Rerun to that OS user, or to "*" (any '
+        "owner: for admins).",
+    )
+    allow_root: bool = Field(
+        default=False,
+        description="Jobs never run as root unless this is true.",
+    )
+    privileged_groups: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PRIVILEGED_GROUPS),
+        description="Nor as a member of group 0 or of these groups, which are root or close "
+        "to it (docker's socket, lxd, raw disks, /etc/shadow), unless allow_privileged_groups "
+        "is true.",
+    )
+    allow_privileged_groups: bool = Field(
+        default=False,
+        description="Let jobs run as members of group 0 and of privileged_groups.",
+    )
+    allowed_requesters: list[str] = Field(
+        default_factory=list,
+        description="A per-user agent runs reruns only for the Argus user whose token "
+        'registered it, plus the Argus users listed here ("*": anyone). Argus hands a host\'s '
+        "commands to whichever agent of that host polled last, so on a shared host this "
+        "keeps user A's rerun from running as B.",
+    )
+    env_deny: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_ENV_DENY),
+        description="Variables dropped from a batch's recorded environment because they "
+        "change what gets executed or how a shell starts (a trailing * matches a prefix).",
+    )
+    max_command_age_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="A rerun command older than this (seconds) is refused as expired: after "
+        "an agent outage the server delivers old pending commands, and a run nobody waits for "
+        "any more should not start.",
+    )
+    max_clock_skew_s: float = Field(
+        default=300.0,
+        ge=0,
+        le=86400,
+        description="A command whose created_at lies further in the future than this "
+        "(seconds) is refused, as is one whose created_at is missing or not an ISO 8601 time: "
+        "expiry fails closed. Keep clocks in sync (NTP).",
+    )
+    max_jobs: int | None = Field(
+        default=None,
+        ge=1,
+        examples=[4],
+        description="At most this many jobs at once on this host. Unset: no limit.",
+    )
+    log_max_bytes: int = Field(
+        default=1 << 30,
+        ge=4096,
+        description="Each job's log (stdout + stderr) is capped at this size; the rest is "
+        "discarded after a truncation marker.",
+    )
+    kill_leftovers: bool = Field(
+        default=True,
+        description="When a job's main process ends, stop what it left running (SIGTERM, "
+        "SIGKILL 5 s later).",
+    )
+    retention_days: float = Field(
+        default=14.0,
+        gt=0,
+        description="Records and logs of ended jobs are removed after this many days.",
+    )
+    cgroups: Literal["auto", "off"] = Field(
+        default="auto",
+        description='Per-job control groups: "auto" gives each job its own cgroup where the '
+        "agent may write a cgroup v2 subtree (by default its own cgroup, which the shipped "
+        'systemd units delegate with Delegate=yes); "off" never.',
+    )
+    cgroup_root: Path | None = Field(
+        default=None,
+        examples=["/sys/fs/cgroup/argus-jobs"],
+        description="The cgroup v2 directory that holds the jobs' cgroups, instead of the "
+        "agent's own cgroup; the agent must be allowed to write it.",
+    )
+    memory_max: int | None = Field(
+        default=None,
+        ge=1 << 20,
+        examples=["64G"],
+        description='Memory limit of each job\'s cgroup: bytes, or a size such as "512M" or '
+        '"8G" (K, M, G, T: powers of 1024). Unset: no limit.',
+    )
+    cpu_max: float | None = Field(
+        default=None,
+        ge=0.01,
+        le=4096,
+        examples=[8.0],
+        description="CPU limit of each job's cgroup, in CPUs. Unset: no limit.",
+    )
+    pids_max: int | None = Field(
+        default=None,
+        ge=1,
+        examples=[4096],
+        description="Most tasks (processes and threads) in each job's cgroup. Unset: no limit.",
+    )
+
+    @field_validator("memory_max", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", value, re.IGNORECASE)
+        if match is None:
+            raise ValueError("expected a size in bytes, e.g. 8589934592 or '8G' (K, M, G, T)")
+        scale = 1 << (10 * " KMGT".index(match.group(2).upper() or " "))
+        return int(float(match.group(1)) * scale)
+
+    @field_validator("cgroup_root")
+    @classmethod
+    def _absolute_cgroup_root(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_absolute():
+            raise ValueError("expected an absolute path to a cgroup v2 directory")
+        return value
 
     @field_validator("shell", mode="before")
     @classmethod
@@ -232,19 +475,67 @@ class JobSettings(_Section):
 
 
 class TelemetrySettings(_Section):
-    """Resource snapshots, log lines and lifecycle events of supervised jobs."""
+    """Resource snapshots, log lines and lifecycle events of the jobs this agent supervises,
+    sent to Argus with the reporter token (ARGUS_TOKEN, server.token or server.token_file).
+    Without a token they are kept in the outbox (up to outbox_max_mb) and not sent."""
 
-    enabled: bool = True
-    interval_s: float = Field(default=10.0, ge=0.5, le=3600)
-    gpu: Literal["auto", "nvml", "none"] = "auto"
-    gpu_timeout_s: float = Field(default=2.0, gt=0, le=60)
-    logs: bool = True
-    log_poll_s: float = Field(default=0.5, ge=0.05, le=60)
-    log_max_lines_per_s: float = Field(default=1000.0, ge=0)
-    lifecycle_events: bool = True
-    project: str = Field(default="argus-agent", min_length=1, max_length=200)
-    outbox_max_mb: float = Field(default=512.0, gt=0)
-    send_batch_size: int = Field(default=500, ge=1, le=500)
+    enabled: bool = Field(default=True, description="Collect and send telemetry at all.")
+    interval_s: float = Field(
+        default=10.0,
+        ge=0.5,
+        le=3600,
+        description="Seconds between resource snapshots of each running job.",
+    )
+    gpu: Literal["auto", "nvml", "none"] = Field(
+        default="auto",
+        description='GPU readings: "auto" (NVML when a driver and GPU are there), "nvml", or '
+        '"none".',
+    )
+    gpu_timeout_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=60,
+        description="A GPU reading slower than this (seconds) is skipped; NVML is slow on "
+        "some drivers.",
+    )
+    logs: bool = Field(default=True, description="Send each job's log lines as log_line events.")
+    log_poll_s: float = Field(
+        default=0.5,
+        ge=0.05,
+        le=60,
+        description="How often job logs are checked for new lines, seconds.",
+    )
+    log_max_lines_per_s: float = Field(
+        default=1000.0,
+        ge=0,
+        description="At most this many log lines per second per job are sent (0: no limit); a "
+        "marker says how many were skipped. The job's log file keeps them all.",
+    )
+    lifecycle_events: bool = Field(
+        default=True,
+        description="Send batch_done / batch_failed for a rerun batch when its job ends (so a "
+        "stopped batch leaves `stopping`).",
+    )
+    project: str = Field(
+        default="argus-agent",
+        min_length=1,
+        max_length=200,
+        description="The project named in the events' source (Argus keeps the batch's own "
+        "project).",
+    )
+    outbox_max_mb: float = Field(
+        default=512.0,
+        gt=0,
+        description="Megabytes of events kept while the server is away; when full, the "
+        "oldest snapshots and log lines are dropped first (and counted); lifecycle events are "
+        "never dropped.",
+    )
+    send_batch_size: int = Field(
+        default=500,
+        ge=1,
+        le=500,
+        description="Events per POST /api/events/batch (Argus takes at most 500).",
+    )
 
 
 class Settings(_Section):
@@ -289,6 +580,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def load_settings(
     path: Path | None = None,
     *,
@@ -303,171 +603,33 @@ def load_settings(
 
     Raises ConfigError whose message has one line per mistake.
     """
-    env = os.environ if environ is None else environ
-    explicit = path is not None
-    path = path or default_config_path()
-    raw: dict[str, Any] = {}
-    origin: dict[tuple[str, ...], str] = {}
-    label = path.name
-    if path.exists() or explicit:
-        raw = _read_toml(path, label)
-        for section, values in raw.items():
-            if isinstance(values, dict):
-                for key in values:
-                    origin[(section, key)] = label
-    for key, value, source in _env_values(env):
-        raw.setdefault(key[0], {})
-        if not isinstance(raw[key[0]], dict):
-            raise ConfigError(f"{label}: {key[0]}: expected a table (a [{key[0]}] section)")
-        raw[key[0]][key[1]] = value
-        origin[key] = source
-    for section, values in (overrides or {}).items():
-        raw.setdefault(section, {}).update(values)
-        for key in values:
-            origin[(section, key)] = "command line"
+    raw, origin, label = configsources.gather(
+        path or default_config_path(),
+        path is not None,
+        os.environ if environ is None else environ,
+        overrides or {},
+        SECTIONS,
+    )
     try:
         return Settings.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, origin, label)) from None
+        raise ConfigError(configerrors.describe(exc, origin, label, SECTIONS, Settings)) from None
 
 
-def _read_toml(path: Path, label: str) -> dict[str, Any]:
-    """The parsed file. A file that holds ``server.token`` must be private to its owner
-    (as the token files are): ConfigError names the file, its mode and the ``chmod``."""
-    try:
-        with path.open("rb") as handle:
-            raw = tomllib.load(handle)
-            server = raw.get("server")
-            if isinstance(server, dict) and server.get("token"):
-                problem = shared_mode_fix(path, os.fstat(handle.fileno()).st_mode)
-                if problem is not None:
-                    raise ConfigError(f"{path}: holds server.token but is {problem}")
-            return raw
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except PermissionError:
-        raise ConfigError(f"{path}: config file not readable by this user") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: expected a TOML file, got a directory") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{label}: invalid TOML: {exc}") from None
-
-
-def _env_values(env: Mapping[str, str]) -> list[tuple[tuple[str, str], Any, str]]:
-    """The environment's overrides as ((section, key), value, origin label)."""
-    found: list[tuple[tuple[str, str], Any, str]] = []
-    for name in sorted(env):
-        if not name.startswith(ENV_PREFIX) or name == "ARGUS_AGENT_CONFIG":
-            continue
-        rest = name[len(ENV_PREFIX) :].lower()
-        section, _, key = rest.partition("_")
-        if section not in SECTIONS or not key:
-            known = ", ".join(f"{ENV_PREFIX}{s.upper()}_<KEY>" for s in SECTIONS)
-            raise ConfigError(f"environment {name}: unknown setting; expected one of {known}")
-        if key not in SECTIONS[section].model_fields:
-            raise ConfigError(
-                f"environment {name}: {section}.{key}: unknown key; expected one of "
-                + ", ".join(sorted(SECTIONS[section].model_fields))
-            )
-        found.append(((section, key), _env_value(env[name]), f"environment {name}"))
-    if env.get("ARGUS_URL"):
-        found.append((("server", "url"), env["ARGUS_URL"], "environment ARGUS_URL"))
-    if env.get("ARGUS_TOKEN"):
-        found.append((("server", "token"), env["ARGUS_TOKEN"], "environment ARGUS_TOKEN"))
-    return found
-
-
-def _env_value(text: str) -> Any:
-    """Environment values are strings; a JSON list (``["/bin/bash","-c"]``) becomes a list
-    and a JSON object (``{"alice": "alice"}``) a table."""
-    if text.startswith(("[", "{")):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            return text
-    return text
-
-
-_EXPECTED = {
-    "int_parsing": "expected an integer",
-    "int_type": "expected an integer",
-    "float_parsing": "expected a number",
-    "float_type": "expected a number",
-    "bool_parsing": "expected true or false",
-    "bool_type": "expected true or false",
-    "string_type": "expected a string",
-    "list_type": "expected a list of strings",
-    "path_type": "expected a path",
-    "model_type": "expected a table",
-    "dict_type": "expected a table",
-    "model_attributes_type": "expected a table",
-    "extra_forbidden": "unknown key",
-    "missing": "required key is missing",
-}
-
-
-def _describe(exc: ValidationError, origin: dict[tuple[str, ...], str], label: str) -> str:
-    lines = []
-    for error in exc.errors(include_url=False):
-        loc = [str(part) for part in error["loc"]]
-        message = _expected(error)
-        value = error.get("input")
-        head, sep, tail = message.partition(": ")
-        if sep and isinstance(value, dict) and head in value:
-            # A validator of a table names the key it is about: "url: expected ...".
-            loc, message, value = [*loc, head], tail, value.get(head)
-        elif sep and not loc and "." in head:
-            # A whole-settings validator names "section.key: expected ...".
-            loc, message = head.split("."), tail
-            value = (value or {}).get(loc[0], {}) if isinstance(value, dict) else None
-            value = value.get(loc[1]) if isinstance(value, dict) else None
-        key = ".".join(loc)
-        source = origin.get(tuple(loc[:2]), label)
-        if error["type"] == "extra_forbidden":
-            model = SECTIONS.get(loc[0]) if len(loc) == 2 else Settings
-            allowed = ", ".join(sorted(model.model_fields)) if model else ""
-            lines.append(f"{source}: {key}: unknown key; expected one of {allowed}")
-            continue
-        shown = _shown_value(loc, value)
-        got = "" if error["type"] == "missing" else f", got {shown}"
-        lines.append(f"{source}: {key}: {message}{got}")
-    return "\n".join(lines)
-
-
-def _shown_value(loc: list[str], value: Any) -> str:
-    if loc and loc[-1] == "token":
-        return "'<redacted>'"
-    if isinstance(value, dict):
-        return repr({k: ("<redacted>" if k == "token" else v) for k, v in value.items()})
-    return repr(value)
-
-
-def _expected(error: Any) -> str:
-    kind = error["type"]
-    ctx = error.get("ctx") or {}
-    if kind == "value_error":
-        return str(ctx.get("error", error["msg"]))
-    if kind == "literal_error":
-        return f"expected one of {ctx.get('expected')}"
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        sign = {
-            "greater_than": ">",
-            "greater_than_equal": ">=",
-            "less_than": "<",
-            "less_than_equal": "<=",
-        }[kind]
-        bound = next(iter(ctx.values()), "")
-        return f"expected a number {sign} {bound}"
-    if kind in ("too_short", "string_too_short"):
-        return "expected a non-empty value"
-    if kind == "string_too_long":
-        return f"expected at most {ctx.get('max_length')} characters"
-    return _EXPECTED.get(kind, error["msg"].lower())
+def describe_sources(
+    path: Path | None = None, *, environ: Mapping[str, str] | None = None
+) -> list[str]:
+    """What :func:`load_settings` reads, one line per source, lowest precedence first: the
+    file (or that the default one is absent) and each variable with its value and key. A
+    token's value is never shown. Reads nothing but whether the file exists."""
+    env = os.environ if environ is None else environ
+    return configsources.describe(path or default_config_path(), path is not None, env, SECTIONS)
 
 
 def redacted_dump(settings: Settings) -> dict[str, Any]:
     """The effective configuration as plain data with secrets replaced by ``'<redacted>'``."""
     data = settings.model_dump(mode="json")
-    if data["server"].get("token"):
-        data["server"]["token"] = "<redacted>"
+    for section, key in SECRET_KEYS:
+        if data[section].get(key):
+            data[section][key] = "<redacted>"
     return data

@@ -27,7 +27,8 @@ Tasks and threads, and who owns them::
     ├── housekeeping   watchdog (only while ``health`` is good), STATUS=, reaping, pruning
     ├── job watchers   JobManager: one per job (shim exit, takeover of a job whose shim died)
     ├── job reports    JobManager: each job's end handed to telemetry
-    └── control socket ControlServer: `argus-agent status` answers
+    └── control socket ControlServer: `argus-agent status` answers, and the operator's
+                       drain, undrain and stop (actions.py)
     threads
     ├── outbox writer  Outbox: the only SQLite connection of outbox.db
     ├── to_thread      /proc scans of fallback stops, launch-spec file checks
@@ -46,13 +47,13 @@ import functools
 import os
 import time
 from collections.abc import Awaitable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
 from argus_agent import __version__
+from argus_agent.actions import OperatorActions
 from argus_agent.argus_api import ArgusClient
 from argus_agent.audit import AuditLog
 from argus_agent.backoff import Backoff
@@ -63,6 +64,7 @@ from argus_agent.config import ServerSettings, Settings
 from argus_agent.control import SOCKET_NAME, ControlServer
 from argus_agent.credentials import AgentCredentials, load_credentials
 from argus_agent.dispatcher import Dispatcher
+from argus_agent.drain import DRAIN_FILE, DrainState
 from argus_agent.errors import ConfigError, LoopCrashedError, ServerError, StateError
 from argus_agent.fsutil import ensure_private_dir
 from argus_agent.health import Health
@@ -74,7 +76,9 @@ from argus_agent.ledger import CommandLedger
 from argus_agent.logsetup import get_logger
 from argus_agent.outbox import Outbox
 from argus_agent.protocol import Command, MalformedCommand
+from argus_agent.registration import same_server
 from argus_agent.sender import EventSender
+from argus_agent.snapshot import build_snapshot
 from argus_agent.status import AgentState
 from argus_agent.systemd import Notifier, watchdog_interval_s
 from argus_agent.telemetry.gpu import GpuBackend, GpuReader, open_backend_async
@@ -98,18 +102,6 @@ class _Serving:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
-def _same_url(a: str, b: str) -> bool:
-    """Whether two URLs name the same server (scheme and host compared case-insensitively,
-    default ports and a trailing slash ignored)."""
-
-    def norm(url: str) -> tuple[str, str, int | None, str]:
-        parts = urlsplit(url.rstrip("/"))
-        default = {"http": 80, "https": 443}.get(parts.scheme.lower())
-        return (parts.scheme.lower(), (parts.hostname or ""), parts.port or default, parts.path)
-
-    return norm(a) == norm(b)
-
-
 def _with_registered_server(settings: Settings, creds: AgentCredentials) -> Settings:
     """The settings to run with: the server this host registered with, unless config names
     one explicitly, in which case the two must agree (the agent token is never sent to
@@ -126,7 +118,7 @@ def _with_registered_server(settings: Settings, creds: AgentCredentials) -> Sett
                 f"{settings.token_path}: the registered server {registered}: {reason}"
             ) from None
         return settings.model_copy(update={"server": server})
-    if _same_url(settings.server.url, registered):
+    if same_server(settings.server.url, registered):
         return settings
     raise ConfigError(
         f"server.url is {settings.server.url}, but this host is registered with "
@@ -164,6 +156,8 @@ class Agent:
         self.health = Health(settings.agent.stall_timeout_s)
         self._reported_stuck: list[str] = []
         self.ready = asyncio.Event()
+        #: Whether the operator drained this host (read at start-up; see drain.py).
+        self.drain = DrainState(settings.agent.state_dir / DRAIN_FILE)
 
     def _load_credentials(self) -> AgentCredentials:
         return load_credentials(self.settings.token_path)
@@ -202,6 +196,7 @@ class Agent:
             ensure_private_dir(state_dir)
         except OSError as exc:
             raise StateError(f"{state_dir}: cannot use the state dir: {exc.strerror}") from None
+        self.drain.load()  # before any command can arrive
         creds = self._credentials or self._load_credentials()
         settings = self.settings = _with_registered_server(settings, creds)
         reporter_token = events_token(settings)
@@ -263,6 +258,7 @@ class Agent:
             settings,
             AuditLog(state_dir / "audit.log"),
             agent_account=creds.owner,
+            drain=self.drain,
             owner_lookup=(
                 functools.partial(client.batch_user, reporter_token) if reporter_token else None
             ),
@@ -284,7 +280,12 @@ class Agent:
         self.channel = channel
         if not isinstance(channel, PollChannel):
             self.sender.transport = channel  # events go over the websocket while it is open
-        control = ControlServer(state_dir / SOCKET_NAME, self.snapshot)
+        control = ControlServer(
+            state_dir / SOCKET_NAME,
+            self.snapshot,
+            OperatorActions(self.drain, dispatcher, dispatcher.audit).handlers(),
+            dispatcher.audit,
+        )
         try:
             await control.start()
             stack.push_async_callback(control.close)
@@ -413,59 +414,8 @@ class Agent:
             await sleep_unless(shutdown, interval)
 
     def snapshot(self) -> dict[str, Any]:
-        """The status document served on the control socket."""
-        assert self.state is not None and self.jobs is not None and self.ledger is not None
-        data = self.state.to_dict()
-        data["uptime_s"] = round(time.time() - self.state.started_at, 1)
-        data["commands"] = self.ledger.counts()
-        data["health"] = {"loops": self.health.watched(), "overdue": self.health.overdue()}
-        warnings = [problem] if (problem := self.health.describe()) else []
-        if self.dispatcher is not None and (foreign := self.dispatcher.foreign_refusals.warning()):
-            warnings.append(foreign)
-        data["warnings"] = warnings
-        if self.outbox is not None and self.sender is not None and self.telemetry is not None:
-            stats = self.outbox.stats()
-            data["telemetry"] = {
-                "outbox_queued": stats.queued,
-                "outbox_bytes": stats.bytes,
-                "dropped": stats.dropped,
-                "sender": asdict(self.sender.state),
-                "gpu": self.telemetry.gpu.backend.name,
-                "snapshots": self.telemetry.snapshots_sent,
-                "last_tick_ms": round(self.telemetry.last_tick_s * 1000, 2)
-                if self.telemetry.last_tick_s is not None
-                else None,
-                # A disk that refused writes: events lost (per kind), failed operations.
-                "lost": stats.lost,
-                "write_errors": stats.write_errors,
-                "last_write_error": self.outbox.last_write_error,
-            }
-        # Damaged state: databases set aside (kept files) and job records quarantined.
-        recovered = [{**e, "file": "state.db"} for e in self.ledger.recovered_from]
-        if self.outbox is not None:
-            recovered += [{**e, "file": "outbox.db"} for e in self.outbox.recovered_from]
-        data["damaged_state"] = {
-            "recovered": recovered,
-            "quarantined_jobs": list(self.jobs.store.quarantined),
-        }
-        data["jobs"] = [
-            {
-                "batch_id": r.batch_id,
-                "pid": r.pid,
-                "run_as": r.run_as,
-                "state": r.state,
-                "outcome": r.describe_exit(),
-                "launched_at": r.launched_at,
-                "ended_at": r.ended_at,
-                "requested_by": r.requested_by,
-                "command": r.command_line,
-                "log_path": r.log_path,
-                # The shim could not write the log (e.g. disk full): output after it is lost.
-                "log_error": r.log_error,
-            }
-            for r in self.jobs.records()
-        ]
-        return data
+        """The status document served on the control socket (built in ``snapshot.py``)."""
+        return build_snapshot(self)
 
 
 def _one_line_status(state: AgentState, jobs: JobManager | None) -> str:

@@ -60,6 +60,7 @@ from argus_agent.dispatch_rules import (
     reports_refusal,
     resumed_outcome,
 )
+from argus_agent.drain import DrainState
 from argus_agent.errors import (
     ConflictError,
     JobError,
@@ -150,7 +151,10 @@ class Dispatcher:
         on_launch_failed: RefusalReport | None = None,
         check_timeout_s: float = CHECK_TIMEOUT_S,
         agent_uid: int | None = None,
+        drain: DrainState | None = None,
     ) -> None:
+        #: While it says draining, every rerun is refused ("host draining").
+        self.drain = drain
         #: The Argus account that registered this agent.
         self.agent_account = agent_account
         #: Reads a batch's recorded OS user from the server (needs a reporter token).
@@ -164,9 +168,9 @@ class Dispatcher:
         self.settings = settings
         self.audit = audit
         self.userdb = userdb or UserDb()
+        self._environ = os.environ if environ is None else environ
         self.base_env = job_base_env(
-            os.environ if environ is None else environ,
-            keep_argus_token=settings.jobs.inherit_argus_token,
+            self._environ, keep_argus_token=settings.jobs.inherit_argus_token
         )
         self.home = current_home()
         #: The uid this agent runs as (0: a system agent; else a per-user agent).
@@ -177,6 +181,43 @@ class Dispatcher:
         self.foreign_refusals = ForeignRefusals()
         self._checks: set[threading.Thread] = set()
         self._unackable: dict[tuple[str | None, str | None, str], None] = {}
+
+    def apply_settings(self, settings: Settings) -> None:
+        """Use ``settings`` (a reload) for the launches and stops that come next."""
+        self.settings = settings
+        self.base_env = job_base_env(
+            self._environ, keep_argus_token=settings.jobs.inherit_argus_token
+        )
+
+    async def stop_locally(self, batch_id: str, by: str, grace_s: float | None) -> JobRecord:
+        """An operator's stop on this host (`argus-agent stop`, user ``by``): the very stop a
+        server's stop command starts (the shim's SIGTERM to the tree, SIGKILL after the
+        grace), with ``grace_s`` instead of ``jobs.stop_grace_s`` when given; audited either
+        way. Raises JobError (no such job, already ended) or OSError."""
+        try:
+            record = await self.jobs.stop(batch_id, f"{by} (local)", grace_s=grace_s)
+        except (JobError, OSError) as exc:
+            log.warning("local stop refused", batch_id=batch_id, by=by, reason=str(exc))
+            self.audit.record(
+                "refuse", kind="stop", batch_id=batch_id, local_user=by, reason=str(exc)
+            )
+            raise
+        log.info("local stop", batch_id=batch_id, by=by, pid=record.pid, grace_s=grace_s)
+        self.audit.record(
+            "stop",
+            kind="stop",
+            batch_id=batch_id,
+            local_user=by,
+            pid=record.pid,
+            run_as=record.run_as,
+            grace_s=record.stop_grace_s,
+        )
+        return record
+
+    def _refuse_if_draining(self) -> None:
+        refusal = self.drain.refusal() if self.drain is not None else None
+        if refusal is not None:
+            raise PayloadError(refusal)
 
     async def handle(self, item: Command | MalformedCommand, ack: AckFn) -> None:
         """Act on one delivered command (unless done before) and ack its result.
@@ -300,6 +341,7 @@ class Dispatcher:
             return Outcome("failed", error=f"agent error: {exc}")
 
     async def _rerun(self, command: Command, who: str | None) -> Outcome:
+        self._refuse_if_draining()
         facts = HostFacts(
             agent_uid=self.agent_uid,
             now=time.time(),
@@ -313,6 +355,8 @@ class Dispatcher:
         except PayloadError:
             self._note_if_foreign(command, who, facts)
             raise
+        # Again: a drain that came while the checks ran (up to check_timeout_s) wins.
+        self._refuse_if_draining()
         record = await self.jobs.launch(spec)
         self._audit(
             "launch",

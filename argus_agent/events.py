@@ -74,6 +74,23 @@ def utc_timestamp(epoch: float | None = None) -> str:
     return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+def envelope_head(event_type: str, batch_id: str, source: EventSource) -> str:
+    """The part of an envelope shared by every event of one type, batch and source:
+    ``"schema_version":…,"event_type":…,"batch_id":…,"source":{…},`` (with the trailing
+    comma). Built once per run of events by the log tailer, once per event here."""
+    source_json = json.dumps(source.as_dict(), separators=(",", ":"), ensure_ascii=False)
+    return (
+        f'"schema_version":"{SCHEMA_VERSION}","event_type":{json.dumps(event_type)},'
+        f'"batch_id":{json.dumps(batch_id, ensure_ascii=False)},"source":{source_json},'
+    )
+
+
+def encode_event(event_id: str, head: str, timestamp: str, data_json: str) -> str:
+    """One envelope as JSON text: the one place an event's JSON is put together (``head``
+    from :func:`envelope_head`, ``data_json`` the encoded ``data`` object). Pure."""
+    return f'{{"event_id":"{event_id}",{head}"timestamp":"{timestamp}","data":{data_json}}}'
+
+
 def make_event(
     event_type: str,
     kind: EventKind,
@@ -86,14 +103,10 @@ def make_event(
 ) -> OutEvent:
     """Build and encode one event, with a fresh ``event_id`` unless one is given."""
     event_id = event_id or uuid.uuid4().hex
-    envelope = {
-        "event_id": event_id,
-        "schema_version": SCHEMA_VERSION,
-        "event_type": event_type,
-        "timestamp": utc_timestamp(timestamp),
-        "batch_id": batch_id,
-        "source": source.as_dict(),
-        "data": data,
-    }
-    body = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False, default=str)
+    body = encode_event(
+        event_id,
+        envelope_head(event_type, batch_id, source),
+        utc_timestamp(timestamp),
+        json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=str),
+    )
     return OutEvent(event_id, kind, batch_id, body.encode())

@@ -75,6 +75,8 @@ class OutboxStats:
     lost: dict[str, int] = field(default_factory=dict)
     #: Database operations the disk refused since start-up.
     write_errors: int = 0
+    #: The timestamp (epoch seconds) of the oldest queued event; None when none is queued.
+    oldest_at: float | None = None
 
 
 class Outbox(OutboxWriter):
@@ -153,6 +155,7 @@ class Outbox(OutboxWriter):
                     bytes=self._bytes,
                 )
                 self._queued = self._bytes = 0
+                self.oldest_at = None
             return chunks
 
         return await self.call(read)
@@ -189,6 +192,7 @@ class Outbox(OutboxWriter):
                 )
             self._queued -= row[0] - len(ids)
             self._bytes -= row[1] - size
+            self._refresh_oldest()
 
         await self.call(tx)
 
@@ -241,7 +245,12 @@ class Outbox(OutboxWriter):
     def stats(self) -> OutboxStats:
         """Counters as of the last commit (cheap, no I/O)."""
         return OutboxStats(
-            self._queued, self._bytes, dict(self._dropped), dict(self._lost), self.write_errors
+            self._queued,
+            self._bytes,
+            dict(self._dropped),
+            dict(self._lost),
+            self.write_errors,
+            oldest_at=self.oldest_at,
         )
 
     async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:

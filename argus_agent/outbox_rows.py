@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from argus_agent.events import EventChunk, OutEvent
@@ -136,3 +137,13 @@ def _runs(events: Sequence[OutEvent], step: int) -> list[Sequence[OutEvent]]:
         runs.append(events[start:end])
         start = end
     return runs
+
+
+def event_time(body: bytes) -> float | None:
+    """The ``timestamp`` of one encoded event as epoch seconds (how old the oldest queued
+    event is, for status); None when the body cannot be read."""
+    try:
+        stamp = json.loads(body)["timestamp"]
+        return datetime.fromisoformat(stamp).timestamp()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None

@@ -45,6 +45,7 @@ from argus_agent.outbox_rows import (
     SCHEMA,
     LogOffset,
     encode_rows,
+    event_time,
     source_of,
 )
 from argus_agent.sqlitetx import transaction
@@ -129,6 +130,10 @@ class OutboxWriter:
         #: "lost_events"}`` (``lost_events`` None when unknown); ``"earlier": True`` for those
         #: an earlier run set aside.
         self.recovered_from: list[dict[str, Any]] = []
+        #: The ``timestamp`` (epoch seconds) of the oldest queued event; None when the
+        #: outbox is empty (or that event cannot be read). Re-read after each commit that
+        #: may have changed which event is oldest.
+        self.oldest_at: float | None = None
 
     def _loop_future(self) -> asyncio.Future[Any]:
         if self._dead is not None:
@@ -202,6 +207,7 @@ class OutboxWriter:
         self._db = db
         self._bytes, self._queued, self._dropped = size, queued, dropped
         self._inflight = set()
+        self._refresh_oldest()
 
     def _recover(self, exc: BaseException, *, lost: int | None) -> None:
         """Replace the damaged database: copy out what can be read, move it aside, open the
@@ -303,6 +309,8 @@ class OutboxWriter:
                     self._fail(put.future, exc)
                 continue
             self._apply(delta)
+            if delta.freed or self.oldest_at is None:  # the oldest was dropped, or none
+                self._refresh_oldest()
             for put in group:
                 self._succeed(put.future, None)
             if self._loop is not None:
@@ -406,6 +414,8 @@ class OutboxWriter:
             self._write_failed(exc)
             return
         self._apply(delta)
+        if delta.freed or self.oldest_at is None:
+            self._refresh_oldest()
         self._untold.clear()
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.changed.set)
@@ -484,6 +494,20 @@ class OutboxWriter:
         self._bytes -= total
         self._queued -= count
         self._inflight.difference_update(seqs)
+        self._refresh_oldest()
+
+    def _refresh_oldest(self) -> None:
+        """Read the time of the oldest queued event (writer thread, after a commit): one
+        read of the first row by its primary key. A failed read leaves it unknown (None);
+        a damaged file is the next real operation's business."""
+        if self._queued <= 0 or self._db is None:
+            self.oldest_at = None
+            return
+        try:
+            row = self._db.execute("SELECT bodies FROM events ORDER BY seq LIMIT 1").fetchone()
+        except sqlite3.Error:
+            row = None
+        self.oldest_at = event_time(row[0].split(b"\n", 1)[0]) if row else None
 
     def _resolve(
         self, future: asyncio.Future[Any], fn: Callable[[sqlite3.Connection], Any]

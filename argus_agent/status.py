@@ -19,8 +19,11 @@ class ChannelState:
     mode or why the websocket is down. ``connected_since`` is set while a websocket is open,
     ``last_contact_at`` is the last sign of life of the server (a frame or pong on the
     websocket, a successful poll), ``next_probe_at`` when ``auto`` tries the websocket again.
+    ``state_since`` is when ``state`` last changed: for a polling channel, "connected since".
     """
 
+    #: Declared before ``state`` so that ``__init__`` setting ``state`` stamps it.
+    state_since: float | None = None
     kind: str = "poll"
     # connected | backing_off | rate_limited | auth_rejected | unavailable | starting
     state: str = "starting"
@@ -35,6 +38,13 @@ class ChannelState:
     connected_since: float | None = None
     last_contact_at: float | None = None
     next_probe_at: float | None = None
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # The channels set ``state`` in several places (and auto mirrors the poll channel's
+        # view), so the time of a change is taken here, where every one of them passes.
+        if name == "state" and value != getattr(self, "state", None):
+            object.__setattr__(self, "state_since", time.time())
+        object.__setattr__(self, name, value)
 
     def ok(self) -> None:
         """Record a successful exchange."""

@@ -1,4 +1,4 @@
-"""sd_notify for ``Type=notify`` units: READY, STATUS, WATCHDOG, STOPPING.
+"""sd_notify for ``Type=notify`` units: READY, STATUS, WATCHDOG, RELOADING, STOPPING.
 
 Does nothing when the process is not under systemd (no ``NOTIFY_SOCKET``). Never raises:
 a notification is best effort.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 
 class Notifier:
@@ -46,6 +47,12 @@ class Notifier:
     def watchdog(self) -> None:
         """Feed the watchdog (only call when the daemon is healthy)."""
         self.notify("WATCHDOG=1")
+
+    def reloading(self) -> None:
+        """Tell systemd a configuration reload began; ``ready`` tells it the reload ended.
+        ``MONOTONIC_USEC`` (CLOCK_MONOTONIC, as ``time.monotonic``) is what a
+        ``Type=notify-reload`` unit requires with ``RELOADING=1``."""
+        self.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
 
     def stopping(self) -> None:
         """Tell systemd shutdown began."""

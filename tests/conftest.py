@@ -13,6 +13,7 @@ import pytest
 from argus_agent.config import Settings
 from argus_agent.devserver import DevServer
 from argus_agent.logsetup import configure
+from tests.cgroupenv import cgroup_root  # noqa: F401  (the fixture, for every test module)
 from tests.leftovers import LeftoverGuard
 from tests.support import ArgusUser, settings_for
 
@@ -33,6 +34,8 @@ def _leftover_guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Leftov
     leftovers = guard.end_session()
     if leftovers:
         pytest.fail(guard.describe(leftovers, "the test session"), pytrace=False)
+    if cgroups := guard.check_cgroups(session=True):
+        pytest.fail(f"the test session left cgroup(s) (removed now): {cgroups}", pytrace=False)
 
 
 @pytest.fixture(autouse=True)
@@ -46,6 +49,8 @@ def _no_leftover_processes(
     leftovers = _leftover_guard.check(before)
     if leftovers:
         pytest.fail(_leftover_guard.describe(leftovers, request.node.nodeid), pytrace=False)
+    if cgroups := _leftover_guard.check_cgroups():
+        pytest.fail(f"{request.node.nodeid} left cgroup(s) (removed now): {cgroups}", pytrace=False)
 
 
 @pytest.fixture(autouse=True)

@@ -30,6 +30,14 @@ at the session's end, runs the same check against a snapshot taken when the sess
 Cost when nothing leaks: one pass over ``/proc/*/stat`` before the test and one after (about
 1-3 ms each for ~100 processes); the environment, cwd and command line are read only for
 processes that are new and alive.
+
+Cgroups count too. Tests that give agents a cgroup subtree make it under a name starting
+with ``argus-tests-<marker prefix>-`` (``tests/cgroupenv.py``), in the v2 hierarchy and as
+mirrors in the v1 ones. ``check_cgroups`` (run around every test, and for the session)
+finds such directories a test left behind, kills what runs in them, removes them and
+fails the test; ``job_cgroups_left`` is what the ``cgroup_root`` fixture uses to fail a
+test that left a job's cgroup in the agent's subtree (the agent removes a job's cgroups once
+its end was reported).
 """
 
 from __future__ import annotations
@@ -173,6 +181,7 @@ class LeftoverGuard:
     checks: int = 0
     _saved_env: str | None = None
     _session: Snapshot = frozenset()
+    _cgroups_before: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         base = str(self.basetemp)
@@ -204,11 +213,28 @@ class LeftoverGuard:
 
     # -- per test ----------------------------------------------------------------------
 
+    @property
+    def cgroup_prefix(self) -> str:
+        """The name prefix of this session's test cgroups."""
+        return f"{CGROUP_PREFIX}{self.marker[:8]}-"
+
+    def check_cgroups(self, *, session: bool = False) -> list[str]:
+        """This session's test cgroups made since the last ``snapshot`` (``session``: at
+        all; the names carry the session's marker, so none predates it) and still there:
+        what runs in them is killed and they are removed before this returns. Empty when
+        nothing was left (the usual case: one listing of a few cgroup directories)."""
+        before = frozenset() if session else self._cgroups_before
+        left = sorted(set(cgroups_named(self.cgroup_prefix)) - before)
+        for path in left:
+            remove_cgroup_tree(path)
+        return left
+
     def snapshot(self) -> Snapshot:
-        """(pid, start time) of every process now."""
+        """(pid, start time) of every process now (and this session's test cgroups)."""
         if not self.enabled:
             return frozenset()
         began = time.perf_counter()
+        self._cgroups_before = frozenset(cgroups_named(self.cgroup_prefix))
         keys = frozenset(p.key for p in process_table().values())
         self.spent_s += time.perf_counter() - began
         return keys
@@ -382,3 +408,78 @@ def kill(proc: Proc) -> bool:
     finally:
         if pidfd is not None:
             os.close(pidfd)
+
+
+# -- cgroups -------------------------------------------------------------------------------
+
+#: The name prefix of every cgroup directory the tests make.
+CGROUP_PREFIX = "argus-tests-"
+_CGROUP_FS = "/sys/fs/cgroup"
+
+
+def cgroup_bases() -> list[str]:
+    """Where test cgroups can be: each cgroup mount, and this process's own cgroup in each
+    v1 hierarchy (the agent mirrors a subtree below its own v1 cgroups)."""
+    bases: list[str] = []
+    mounts: dict[str, str] = {}  # controller (or "" for v2) -> mount point
+    with contextlib.suppress(OSError), open(f"{_PROC}/self/mountinfo") as handle:
+        for line in handle:
+            left, _, right = line.partition(" - ")
+            fields, tail = left.split(), right.split()
+            if len(tail) >= 3 and tail[0] in ("cgroup", "cgroup2"):
+                bases.append(fields[4])
+                for name in tail[2].split(",") if tail[0] == "cgroup" else [""]:
+                    mounts.setdefault(name, fields[4])
+    with contextlib.suppress(OSError), open(f"{_PROC}/self/cgroup") as handle:
+        for line in handle:
+            _, names, where = line.rstrip("\n").split(":", 2)
+            for name in names.split(","):
+                if name and name in mounts and where != "/":
+                    bases.append(os.path.join(mounts[name], where.lstrip("/")))
+    return sorted(set(bases))
+
+
+def cgroups_named(prefix: str = CGROUP_PREFIX) -> list[str]:
+    """Test cgroup directories (named ``prefix…``) directly under any base."""
+    found = []
+    for base in cgroup_bases():
+        with contextlib.suppress(OSError):
+            found += [e.path for e in os.scandir(base) if e.name.startswith(prefix)]
+    return found
+
+
+def job_cgroups_left(name: str) -> list[str]:
+    """Jobs' cgroups still in a test subtree called ``name``: ``<base>/<name>/jobs/<batch>``
+    in the v2 hierarchy and in every v1 mirror."""
+    left = []
+    for base in cgroup_bases():
+        with contextlib.suppress(OSError):
+            jobs = os.scandir(os.path.join(base, name, "jobs"))
+            left += [e.path for e in jobs if e.is_dir(follow_symlinks=False)]
+    return sorted(left)
+
+
+def remove_cgroup_tree(path: str) -> bool:
+    """Kill everything in a cgroup and below (``cgroup.kill``, else SIGKILL to each member)
+    and remove its directories, children first. Whether it is gone."""
+    kill_file = os.path.join(path, "cgroup.kill")
+    for _ in range(100):
+        if os.path.exists(kill_file):
+            with contextlib.suppress(OSError), open(kill_file, "w") as handle:
+                handle.write("1")
+        for dirpath, _dirs, _files in os.walk(path, topdown=False):
+            try:
+                with open(os.path.join(dirpath, "cgroup.procs")) as handle:
+                    pids = [int(p) for p in handle.read().split()]
+            except OSError:
+                pids = []
+            for pid in pids:
+                proc = read_proc(pid)
+                if proc is not None:
+                    kill(proc)
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)
+        if not os.path.exists(path):
+            return True
+        time.sleep(0.02)
+    return False

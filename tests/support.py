@@ -232,7 +232,12 @@ def cli(*args: str, env: dict[str, str], timeout: float = 60) -> Any:
 class AgentProcess:
     """`argus-agent run` as a real process (so tests can SIGKILL it)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         import subprocess
         import sys
 
@@ -243,14 +248,15 @@ class AgentProcess:
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
         )
 
     async def status(self) -> dict:
         """Wait until the daemon answers on its control socket; its status document."""
         import json
 
-        result = await eventually(
-            lambda: (r := cli("status", "--json", env=self.env)).returncode == 0 and r,
+        result = await eventually(  # 0 healthy, 1 degraded: either way it answers
+            lambda: (r := cli("status", "--json", env=self.env)).returncode in (0, 1) and r,
             what="status answer",
         )
         return json.loads(result.stdout)

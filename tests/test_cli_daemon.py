@@ -1,7 +1,9 @@
-"""The daemon as users run it: `argus-agent run` in a real process, `status`, signals."""
+"""The daemon as users run it: `argus-agent run` in a real process, `status`, signals; `jobs`
+and `logs -f` as an operator uses them."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.support import ArgusUser, eventually, register
+from tests.support import ArgusUser, RunningAgent, agent_env, cli, eventually, register
 
 
 def _env(settings, **extra: str) -> dict[str, str]:
@@ -84,7 +86,7 @@ async def test_run_status_and_sigterm_leaves_jobs_running(
         assert any(line["event"] == "agent started" for line in lines)  # JSON when not a tty
         assert user_token not in (tmp_path / "agent.log").read_text()
         not_running = _cli("status", env=env)
-        assert not_running.returncode == 4 and "no agent is running" in not_running.stderr
+        assert not_running.returncode == 2 and "no agent is running" in not_running.stderr
     finally:
         if daemon.poll() is None:
             daemon.kill()
@@ -115,3 +117,53 @@ async def test_run_status_and_sigterm_leaves_jobs_running(
     finally:
         if daemon.poll() is None:
             daemon.kill()
+
+
+# -- jobs and logs -----------------------------------------------------------------------------
+
+
+def test_jobs_with_no_jobs_prints_the_header_and_a_missing_state_dir_says_so(
+    make_settings,
+) -> None:
+    settings = make_settings()
+    env = agent_env(settings)
+    state = settings.agent.state_dir
+
+    missing = cli("jobs", env=env)
+
+    assert missing.returncode == 4
+    assert f"{state}: no such state dir" in missing.stderr
+    assert "argus-agent register" in missing.stderr and "--config" in missing.stderr
+    assert "not readable" not in missing.stderr
+    state.mkdir(mode=0o700)  # a registered host whose agent never launched a job
+    for _ in range(2):  # without a jobs dir, then with an empty one
+        empty = cli("jobs", env=env)
+        assert empty.returncode == 0, empty.stderr
+        assert empty.stdout.split() == ["BATCH", "PID", "USER", "STATE", "STARTED", "EXIT"]
+        (state / "jobs").mkdir(mode=0o700, exist_ok=True)
+
+
+async def test_logs_follow_ends_with_how_the_job_ended(
+    argus: ArgusUser, make_settings, user_token: str
+) -> None:
+    settings = make_settings()
+    await register(settings, user_token)
+    env = agent_env(settings)
+    async with RunningAgent(settings) as running:
+        failing = argus.rerun(argus.record_batch("sleep 0.5; printf 'no newline'; exit 3"))
+        await eventually(lambda: argus.acked(failing, "rerun"), what="the first job running")
+        followed = await asyncio.to_thread(cli, "logs", "-f", failing, env=env)
+        assert followed.returncode == 0, followed.stderr
+        assert followed.stdout.endswith("no newline\n-- job ended: exit code 3 (failed)\n")
+
+        stopped = argus.rerun(argus.record_batch("echo started; exec sleep 300"))
+        await eventually(lambda: argus.acked(stopped, "rerun"), what="the second job running")
+        follower = asyncio.create_task(asyncio.to_thread(cli, "logs", "-f", stopped, env=env))
+        argus.stop(stopped)
+        followed = await asyncio.wait_for(follower, 60)
+        assert followed.returncode == 0, followed.stderr
+        assert followed.stdout.splitlines()[-1] == (
+            "-- job ended: killed by signal 15 (SIGTERM), stopped on request of alice (stopped)"
+        )
+        assert running.agent.jobs is not None
+        await eventually(lambda: not running.agent.jobs.running(), what="both jobs ended")

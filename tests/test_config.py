@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from pydantic.fields import FieldInfo
 
-from argus_agent.config import load_settings
+from argus_agent.config import SECTIONS, JobSettings, describe_sources, load_settings
 from argus_agent.errors import ConfigError
 
 
@@ -102,10 +104,7 @@ def _error(tmp_path: Path, body: str, environ: dict[str, str] | None = None) -> 
             "",
             {"ARGUS_AGENT_JOBS_GRACE": "3"},
             "environment ARGUS_AGENT_JOBS_GRACE: jobs.grace: unknown key; expected one of "
-            "allow_privileged_groups, allow_root, allowed_requesters, default_cwd, env_deny, "
-            "inherit_argus_token, kill_leftovers, log_max_bytes, max_clock_skew_s, "
-            "max_command_age_s, max_jobs, privileged_groups, retention_days, run_as, shell, "
-            "stop_grace_s, unkillable_wait_s, users",
+            + ", ".join(sorted(JobSettings.model_fields)),
         ),
         (
             '[jobs]\nusers = { alice = "not a user" }\n',
@@ -233,3 +232,190 @@ def test_cli_init_writes_a_starter_config_that_checks(tmp_path: Path) -> None:
     assert _cli("config", "check", "--config", str(target)).returncode == 0
     again = _cli("init", str(target))
     assert again.returncode == 3 and "already exists; use --force" in again.stderr
+
+
+# -- the environment sets every key, tables and lists included --------------------------------
+
+
+def _env_text(value: object) -> str:
+    """How an operator writes ``value`` in an environment variable."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def _toml_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, dict):
+        return (
+            "{ " + ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items()) + " }"
+        )
+    return json.dumps(value if isinstance(value, list) else str(value))
+
+
+def _sample(field: FieldInfo) -> object:
+    """A valid value for the key that is not its default where we can tell one."""
+    if field.examples:
+        return field.examples[0]
+    default = field.get_default(call_default_factory=True)
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, list):
+        return default[:1] or ["x"]
+    return default
+
+
+def test_every_key_can_be_set_from_the_environment_as_in_the_file(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    for section, model in SECTIONS.items():
+        for key, field in model.model_fields.items():
+            value = _sample(field)
+            name = f"ARGUS_AGENT_{section.upper()}_{key.upper()}"
+            path = tmp_path / "one.toml"
+            path.write_text(f"[{section}]\n{key} = {_toml_text(value)}\n")
+            path.chmod(0o600)  # server.token may be in it
+            from_file = load_settings(path, environ={})
+            from_env = load_settings(empty, environ={name: _env_text(value)})
+            assert from_env == from_file, f"{name}={_env_text(value)}"
+
+
+def test_environment_tables_and_lists_are_json(tmp_path: Path) -> None:
+    empty = tmp_path / "config.toml"
+    empty.write_text("[jobs]\nmax_jobs = 4\n")
+    settings = load_settings(
+        empty,
+        environ={
+            "ARGUS_AGENT_JOBS_USERS": '{"alice": "alice", "bob.smith": "bob", "admin": "*"}',
+            "ARGUS_AGENT_AGENT_HOST_ALIASES": ' ["gpu-01", "gpu-01.lan"]',
+            "ARGUS_AGENT_JOBS_ENV_DENY": "[]",
+            "ARGUS_AGENT_JOBS_SHELL": "/bin/bash -lc",  # a command line, split like a shell
+            "ARGUS_AGENT_JOBS_MAX_JOBS": "",  # empty: unset, over the file's 4
+            "ARGUS_AGENT_TELEMETRY_ENABLED": "false",
+        },
+    )
+    assert settings.jobs.users == {"alice": "alice", "bob.smith": "bob", "admin": "*"}
+    assert settings.agent.host_aliases == ["gpu-01", "gpu-01.lan"]
+    assert settings.jobs.env_deny == []
+    assert settings.jobs.shell == ["/bin/bash", "-lc"]
+    assert settings.jobs.max_jobs is None
+    assert settings.telemetry.enabled is False
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        (
+            "ARGUS_AGENT_JOBS_USERS",
+            '{"alice": "alice"',
+            "environment ARGUS_AGENT_JOBS_USERS: jobs.users: expected a table as JSON, e.g. "
+            '{"alice": "alice"} (Expecting \',\' delimiter at character 17), got '
+            '\'{"alice": "alice"\'',
+        ),
+        (
+            "ARGUS_AGENT_JOBS_PRIVILEGED_GROUPS",
+            '["docker", lxd]',
+            "environment ARGUS_AGENT_JOBS_PRIVILEGED_GROUPS: jobs.privileged_groups: expected a "
+            'list as JSON, e.g. ["a", "b"] (Expecting value at character 11), got '
+            "'[\"docker\", lxd]'",
+        ),
+        (
+            "ARGUS_AGENT_JOBS_USERS",
+            '["alice"]',
+            "environment ARGUS_AGENT_JOBS_USERS: jobs.users: expected a table, got ['alice']",
+        ),
+        (
+            "ARGUS_AGENT_JOBS_USERS",
+            "alice=alice",
+            "environment ARGUS_AGENT_JOBS_USERS: jobs.users: expected a table, got 'alice=alice'",
+        ),
+        (
+            "ARGUS_AGENT_AGENT_HOST_ALIASES",
+            "gpu-01,gpu-02",
+            "environment ARGUS_AGENT_AGENT_HOST_ALIASES: agent.host_aliases: expected a list of "
+            "strings, got 'gpu-01,gpu-02'",
+        ),
+        (
+            "ARGUS_AGENT_JOBS_USERS",
+            '{"alice": "not a user"}',
+            "environment ARGUS_AGENT_JOBS_USERS: jobs.users.alice: expected an OS user name or "
+            "'*', got 'not a user'",
+        ),
+        (
+            "ARGUS_AGENT_JOBS_STOP_GRACE_S",
+            "",
+            "environment ARGUS_AGENT_JOBS_STOP_GRACE_S: jobs.stop_grace_s: expected a number, "
+            "got ''",
+        ),
+        (
+            "ARGUS_AGENT_SERVER_TOKEN",
+            "ag_live_secret",
+            "environment ARGUS_AGENT_SERVER_TOKEN: server.token: expected an Argus reporter "
+            "token starting with 'em_live_', got '<redacted>'",
+        ),
+    ],
+)
+def test_a_bad_environment_value_is_one_line_naming_variable_key_and_shape(
+    tmp_path: Path, name: str, value: str, expected: str
+) -> None:
+    message = _error(tmp_path, "", {name: value})
+    assert message == expected
+    assert "\n" not in message and "secret" not in message
+
+
+def test_config_sources_are_listed_with_secrets_hidden(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "config.toml"
+    environ = {
+        "ARGUS_AGENT_JOBS_USERS": '{"alice": "alice"}',
+        "ARGUS_AGENT_SERVER_TOKEN": "em_live_topsecret",
+        "ARGUS_TOKEN": "em_live_topsecret",
+        "ARGUS_URL": "",  # empty: not read
+        "ARGUS_AGENT_SEVER_URL": "https://typo.example",
+        "HOME": "/home/alice",
+    }
+    monkeypatch.setattr("argus_agent.config.default_config_path", lambda: path)
+    assert describe_sources(None, environ=environ) == [
+        f"file {path}: not found; built-in defaults apply",
+        'environment ARGUS_AGENT_JOBS_USERS=\'{"alice": "alice"}\' (jobs.users)',
+        "environment ARGUS_AGENT_SERVER_TOKEN=<redacted> (server.token)",
+        "environment ARGUS_AGENT_SEVER_URL=https://typo.example (unknown setting)",
+        "environment ARGUS_TOKEN=<redacted> (server.token)",
+    ]
+    path.write_text("")
+    assert describe_sources(path, environ={}) == [
+        f"file {path}",
+        "environment: no ARGUS_AGENT_*, ARGUS_URL or ARGUS_TOKEN variable set",
+    ]
+
+
+def test_cli_config_check_says_which_file_and_variables_it_read(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('[jobs]\nusers = { alice = "alice" }\n')
+    env = {"ARGUS_AGENT_JOBS_MAX_JOBS": "2", "ARGUS_TOKEN": "em_live_topsecret"}
+    result = _cli("config", "check", "--config", str(path), env=env)
+    assert result.returncode == 0, result.stderr
+    head = result.stdout.split("effective configuration (secrets redacted):\n")[0]
+    assert head.splitlines() == [
+        "sources (lowest precedence first):",
+        f"  file {path}",
+        "  environment ARGUS_AGENT_JOBS_MAX_JOBS=2 (jobs.max_jobs)",
+        "  environment ARGUS_TOKEN=<redacted> (server.token)",
+    ]
+    effective = json.loads(result.stdout.split("(secrets redacted):\n")[1])
+    assert effective["jobs"]["max_jobs"] == 2
+    assert effective["jobs"]["users"] == {"alice": "alice"}
+    assert "topsecret" not in result.stdout + result.stderr
+    bad = _cli("config", "check", "--config", str(path), env={"ARGUS_AGENT_JOBS_MAX_JOBS": "x"})
+    assert bad.returncode == 1
+    assert "  environment ARGUS_AGENT_JOBS_MAX_JOBS=x (jobs.max_jobs)" in bad.stdout
+    assert bad.stderr == (
+        "argus-agent: environment ARGUS_AGENT_JOBS_MAX_JOBS: jobs.max_jobs: expected an "
+        "integer, got 'x'\n"
+    )

@@ -251,7 +251,7 @@ def test_a_full_disk_at_the_lock_is_a_state_error_naming_the_file(tmp_path: Path
 
 
 def test_the_registered_server_is_recognised_however_its_url_is_spelled() -> None:
-    from argus_agent.daemon import _same_url
+    from argus_agent.registration import same_server as _same_url
 
     assert _same_url("http://127.0.0.1:8000", "HTTP://127.0.0.1:8000/")
     assert _same_url("https://Argus.Example", "https://argus.example:443")

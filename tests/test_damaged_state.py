@@ -211,7 +211,7 @@ async def test_a_truncated_outbox_is_set_aside_and_the_agent_serves(
         await _rerun_and_stop(argus, running)
         status = await _status(state)
         assert status["damaged_state"]["recovered"][0]["path"] == str(kept)
-        assert str(kept) in format_status(status)
+        assert kept.name in format_status(status)  # relative to the state dir, to fit 80
 
 
 async def test_an_outbox_damaged_while_open_is_replaced_keeping_what_is_readable(
@@ -262,7 +262,7 @@ async def test_a_garbage_state_db_is_set_aside_and_the_agent_serves(
         await _rerun_and_stop(argus, running)
         status = await _status(state)
         assert [r["path"] for r in status["damaged_state"]["recovered"]] == [str(kept)]
-        assert str(kept) in format_status(status)
+        assert kept.name in format_status(status)  # relative to the state dir, to fit 80
 
 
 async def test_job_records_with_wrong_types_are_quarantined_and_the_agent_serves(

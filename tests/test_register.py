@@ -53,10 +53,15 @@ def test_cli_register_stores_token_0600_and_force_rotates(
     assert data["server_url"] == settings.server.url
     agents = server_agents(server)
     assert [a["hostname"] for a in agents] == [settings.agent.hostname]
-    # registering again without --force keeps the registration and says how to rotate
+    # registering again without --force keeps the registration, says so and exits 0 (a
+    # provisioning script runs it again), and warns what --force would cost
     again = _cli("--register", env=env)
-    assert again.returncode == 4
-    assert "already registered as" in again.stderr and "--force" in again.stderr
+    assert again.returncode == 0, again.stderr
+    assert f"already registered as {data['agent_id']} with {settings.server.url}" in again.stdout
+    assert "nothing to do" in again.stdout
+    assert "--force" in again.stdout and "new agent token" in again.stdout
+    assert f"host name {settings.agent.hostname!r}" in again.stdout and "locked out" in again.stdout
+    assert json.loads(path.read_text()) == data, "the registration is kept as it was"
     # --force rotates the token, same agent id
     token_file = tmp_path / "reporter-token"
     token_file.write_text(user_token + "\n")
@@ -64,6 +69,8 @@ def test_cli_register_stores_token_0600_and_force_rotates(
     env.pop("ARGUS_TOKEN")
     forced = _cli("register", "--force", "--token-file", str(token_file), env=env)
     assert forced.returncode == 0, forced.stderr
+    assert "the old one no longer works" in forced.stdout and "locked out" in forced.stdout
+    assert user_token not in forced.stdout + forced.stderr
     rotated = json.loads(path.read_text())
     assert rotated["agent_id"] == data["agent_id"]
     assert rotated["agent_token"] != data["agent_token"]
@@ -117,3 +124,43 @@ async def test_daemon_without_registration_says_how_to_register(make_settings) -
     with pytest.raises(StateError, match="register this host first with `argus-agent register`"):
         async with RunningAgent(settings):
             pass
+
+
+def test_registered_with_another_server_is_not_already_registered(
+    make_settings, user_token: str
+) -> None:
+    settings = make_settings()
+    env = {**_env(settings), "ARGUS_TOKEN": user_token}
+    assert _cli("register", env=env).returncode == 0
+    other = _cli("register", env={**env, "ARGUS_URL": "http://127.0.0.1:9"})
+    assert other.returncode == 4
+    assert f"with {settings.server.url} ({settings.token_path}), not with http://127.0.0.1:9" in (
+        other.stderr
+    )
+    assert "--force" in other.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the hint is for a system agent (root)")
+def test_a_system_agent_without_a_reporter_token_is_told_how_to_give_it_one(
+    make_settings, user_token: str, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "reporter-token"
+    token_file.write_text(user_token + "\n")
+    token_file.chmod(0o600)
+    settings = make_settings()
+    env = _env(settings)
+
+    # The token of this command line (or of this shell) is not the service's.
+    told = _cli("register", "--token-file", str(token_file), env=env)
+
+    assert told.returncode == 0, told.stderr
+    assert "no reporter token of its own" in told.stdout and "telemetry" in told.stdout
+    assert f'server.token_file = "{token_file}"' in told.stdout
+    assert user_token not in told.stdout + told.stderr
+    from_shell = _cli("register", env={**env, "ARGUS_TOKEN": user_token})
+    assert from_shell.returncode == 0
+    assert "server.token_file = " in from_shell.stdout and "mode 0600" in from_shell.stdout
+    # An agent whose config names its token file has one: nothing to say.
+    configured = _cli("register", env={**env, "ARGUS_AGENT_SERVER_TOKEN_FILE": str(token_file)})
+    assert configured.returncode == 0, configured.stderr
+    assert "reporter token" not in configured.stdout

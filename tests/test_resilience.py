@@ -97,8 +97,10 @@ async def test_server_down_then_back_recovers_by_itself(
         server.stop()
         # On the websocket the close (1001) is seen first; the failed reconnect follows.
         await eventually(
-            lambda: running.agent.state.channel.state == "backing_off"
-            and "cannot connect" in (running.agent.state.channel.last_error or ""),
+            lambda: (
+                running.agent.state.channel.state == "backing_off"
+                and "cannot connect" in (running.agent.state.channel.last_error or "")
+            ),
             what="outage noticed",
         )
         back = DevServer(db_path=db, port=port, poll_interval_s=0.2, ingest_rate_limit=False)

@@ -257,7 +257,10 @@ async def test_jobs_and_logs_commands_and_the_audit_log(
         await eventually(lambda: argus.acked(slow, "rerun"), what="second launch")
         follow = await asyncio.to_thread(cli, "logs", slow, "-f", env=env, timeout=30)
         assert follow.returncode == 0
-        assert follow.stdout.splitlines() == [f"line {i}" for i in range(100)]
+        assert follow.stdout.splitlines() == [
+            *(f"line {i}" for i in range(100)),
+            "-- job ended: exit code 4 (failed)",  # how it ended, once its log is read
+        ]
     listing = cli("jobs", env=env)
     assert listing.returncode == 0
     rows = listing.stdout.splitlines()

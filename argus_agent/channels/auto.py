@@ -182,6 +182,13 @@ class AutoChannel:
         self._health = value
         self.poll.health = value
 
+    def apply_settings(self, settings: AgentSettings) -> None:
+        """Use ``settings`` (a reload): heartbeat, polls and backoff, from their next step."""
+        self.settings = settings
+        self.poll.apply_settings(settings)
+        self.state.poll_interval_s = self.poll.interval
+        self.backoff.initial, self.backoff.cap = settings.backoff_initial_s, settings.backoff_max_s
+
     @property
     def creds(self) -> AgentCredentials:
         """The agent's credentials (re-read from the token file after a rejection)."""

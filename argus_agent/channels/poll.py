@@ -61,6 +61,9 @@ class PollChannel:
         self.dispatcher = dispatcher
         self.state = state
         self.settings = settings
+        #: The poll interval the server handed out at registration (used unless
+        #: ``agent.poll_interval_s`` is set).
+        self.server_poll_interval_s = server_poll_interval_s
         self.interval = settings.poll_interval_s or server_poll_interval_s
         self.reload_credentials = reload_credentials
         self.rng = rng or random.Random()
@@ -96,6 +99,13 @@ class PollChannel:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
+
+    def apply_settings(self, settings: AgentSettings) -> None:
+        """Use ``settings`` (a reload) from the next poll, heartbeat and backoff step on."""
+        self.settings = settings
+        self.interval = settings.poll_interval_s or self.server_poll_interval_s
+        self.state.poll_interval_s = self.interval
+        self.backoff.initial, self.backoff.cap = settings.backoff_initial_s, settings.backoff_max_s
 
     async def poll_once(self) -> float:
         """One exchange: a poll, acting on what came, then acks still pending. Returns the

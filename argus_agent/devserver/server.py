@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import signal
 import socket
 import sys
@@ -241,6 +242,35 @@ class DevServer:
         self.stop()
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether *host* (``--host``) names only this machine: ``localhost`` or a loopback
+    address. Any other name, and the wildcard addresses (``0.0.0.0``, ``::``), are not."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+#: Printed to stderr when ``dev-server`` is given no ``--user``.
+TOKEN_HINT = (
+    "argus dev-server: no user created, so there is no token yet: run it again with "
+    "--user NAME (repeatable) to create users and print their em_live_ tokens, or create "
+    "one now: curl -X POST {url}/api/_dev/users -H 'Content-Type: application/json' "
+    '-d \'{{"username": "alice"}}\''
+)
+
+#: Printed to stderr when ``dev-server`` listens on an address that is not loopback.
+EXPOSED_WARNING = (
+    "argus dev-server: WARNING: listening on {host}, which is not a loopback address: its "
+    "/api/_dev routes have no authentication, so anyone who can reach {url} can create "
+    "users and mint their tokens, read every command (recorded environments included) and "
+    "event, change batch statuses and inject faults. It is a development tool: bind it to "
+    "127.0.0.1 (the default) unless this network is yours alone."
+)
+
+
 def serve(
     host: str,
     port: int,
@@ -254,9 +284,12 @@ def serve(
     """Run a dev server in the foreground until SIGINT or SIGTERM (the ``dev-server`` command).
 
     Prints ``argus dev-server listening on <url>`` and then one ``user <name> token <token>``
-    line per user (each gets a fresh em_live token). *websocket* False serves no websocket
-    endpoint (as Argus v0.3.0); *rate_limit* False turns the ingest limit off. Must be called
-    from the main thread. Raises OSError when the port is taken.
+    line per user (each gets a fresh em_live token) on stdout. On stderr: without *users*, a
+    hint saying how to get a token (:data:`TOKEN_HINT`); on a *host* that is not loopback, a
+    warning that the ``/api/_dev`` routes have no authentication (:data:`EXPOSED_WARNING`).
+    *websocket* False serves no websocket endpoint (as Argus v0.3.0); *rate_limit* False
+    turns the ingest limit off. Must be called from the main thread. Raises OSError when the
+    port is taken.
     """
     stop = threading.Event()
 
@@ -275,8 +308,12 @@ def serve(
     try:
         srv.start()
         print(f"argus dev-server listening on {srv.url}", flush=True)
+        if not _is_loopback(host):
+            print(EXPOSED_WARNING.format(host=host, url=srv.url), file=sys.stderr, flush=True)
         for name in users:
             print(f"user {name} token {srv.create_user(name)}", flush=True)
+        if not users:
+            print(TOKEN_HINT.format(url=srv.url), file=sys.stderr, flush=True)
         while not stop.wait(0.5):
             if not srv.running:
                 print("argus dev-server: server thread exited", file=sys.stderr, flush=True)

@@ -11,21 +11,34 @@ from __future__ import annotations
 import os
 import signal
 
+#: Indexes into ``split_stat``'s list (stat field number minus 3: the list starts after
+#: ``pid (comm)``); see proc(5).
+STATE, PPID, PGRP, SESSION, UTIME, STIME, NUM_THREADS, START_TICKS, RSS_PAGES = (
+    0, 1, 2, 3, 11, 12, 17, 19, 21
+)  # fmt: skip
+
+
+def split_stat(data: bytes) -> list[bytes]:
+    """The fields of a ``/proc/<pid>/stat`` line after ``(comm)``, state first: the one
+    parser of that file (the command name may hold spaces and parentheses, so the split
+    starts after its last ``)``). Only the fields up to the RSS are split off (the rest
+    stays in the last item). Raises ValueError on a line without ``)``."""
+    return data[data.rindex(b")") + 2 :].split(b" ", RSS_PAGES + 2)
+
 
 def stat_fields(pid: int) -> list[bytes] | None:
     """The fields of /proc/<pid>/stat after ``(comm)`` (state first), or None."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
-            data = handle.read()
-    except OSError:
+            return split_stat(handle.read())
+    except (OSError, ValueError):
         return None
-    return data[data.rindex(b")") + 2 :].split()
 
 
 def start_ticks(pid: int) -> int | None:
     """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot), or None."""
     fields = stat_fields(pid)
-    return int(fields[19]) if fields else None
+    return int(fields[START_TICKS]) if fields else None
 
 
 def boot_id() -> str | None:
@@ -45,11 +58,10 @@ def proc_table() -> dict[int, tuple[int, str, int]]:
             continue
         try:
             with open(f"/proc/{name}/stat", "rb") as handle:
-                data = handle.read()
-        except OSError:
+                fields = split_stat(handle.read())
+        except (OSError, ValueError):
             continue
-        fields = data[data.rindex(b")") + 2 :].split()
-        table[int(name)] = (int(fields[1]), fields[0].decode(), int(fields[19]))
+        table[int(name)] = (int(fields[PPID]), fields[STATE].decode(), int(fields[START_TICKS]))
     return table
 
 

@@ -29,10 +29,13 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Collection
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 from argus_agent.jobs.procfs import (
+    PGRP,
+    SESSION,
+    STATE,
     boot_id,
     descendants,
     proc_table,
@@ -57,7 +60,7 @@ UNKILLABLE_WAIT_S = 10.0
 
 def _state(pid: int) -> str | None:
     fields = stat_fields(pid)
-    return fields[0].decode() if fields else None
+    return fields[STATE].decode() if fields else None
 
 
 def is_same_process(pid: int | None, ticks: int | None) -> bool:
@@ -70,7 +73,7 @@ def is_same_process(pid: int | None, ticks: int | None) -> bool:
 def _group_ids(pid: int) -> tuple[int, int] | None:
     """(process group, session) of ``pid`` from /proc/<pid>/stat, or None."""
     fields = stat_fields(pid)
-    return (int(fields[2]), int(fields[3])) if fields else None
+    return (int(fields[PGRP]), int(fields[SESSION])) if fields else None
 
 
 def _batch_of(pid: int) -> str | None:
@@ -92,7 +95,7 @@ def job_processes(
     group: int | None,
     batch_id: str | None,
     *,
-    exclude: Collection[int] = (),
+    exclude: Container[int] = (),
 ) -> dict[int, int]:
     """The live processes of a job whose shim is gone → their start ticks (see the module
     doc for which). Blocking: one pass over /proc (plus one environ read per process when
@@ -170,7 +173,7 @@ async def terminate_processes(
     *,
     poll_s: float = 0.1,
     unkillable_wait_s: float = UNKILLABLE_WAIT_S,
-    exclude: Collection[int] = (),
+    exclude: Container[int] = (),
 ) -> StopResult:
     """SIGTERM the job's processes, wait up to ``grace_s`` for them to go, then SIGKILL
     what is left until nothing is left or ``unkillable_wait_s`` passed. Blocks its coroutine

@@ -15,7 +15,7 @@ import ctypes
 import os
 from collections.abc import Collection
 
-from argus_agent.jobs.procfs import stat_fields
+from argus_agent.jobs.procfs import PPID, SESSION, STATE, stat_fields
 from argus_agent.jobs.shim import PR_SET_CHILD_SUBREAPER
 
 PR_GET_CHILD_SUBREAPER = 37
@@ -58,7 +58,12 @@ def reap_orphans(keep: Collection[int]) -> dict[int, int]:
         if not name.isdigit() or int(name) in keep:
             continue
         fields = stat_fields(int(name))
-        if not fields or fields[0] != b"Z" or int(fields[1]) != me or int(fields[3]) == my_session:
+        if (
+            not fields
+            or fields[STATE] != b"Z"
+            or int(fields[PPID]) != me
+            or int(fields[SESSION]) == my_session
+        ):
             continue
         status = reap(int(name))
         if status is not None:

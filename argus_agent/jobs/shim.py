@@ -20,6 +20,16 @@ The job is started as its user (uid, gid, groups dropped first) and only then en
 working directory, so a path the user cannot enter fails the launch whatever happened to
 it after the agent's check.
 
+When the agent gives the job cgroups (the spec's ``cgroup``, see ``cgroupfs``), the job's
+process joins them between fork and exec, while it still has the shim's privileges and
+before it drops them: nothing the command runs or forks, however early, starts outside
+them (placing it from outside after the exec would leave a window in which it could fork
+unplaced children). The shim itself stays in the agent's cgroup, so killing the job's
+cgroup never kills the shim. A stop then ends, after the grace period, with the cgroup
+killed (``cgroup.kill``, else freeze and SIGKILL): whatever ran in it is gone, however it
+left the process tree; the exit status records the OOM kills, memory peak and limit the
+cgroup saw.
+
 Files it writes in the job dir (atomically: temp file, fsync, rename):
 
 - ``started.json``: job pid, process group, start ticks of the job and of the shim, and the
@@ -49,6 +59,7 @@ import time
 from typing import Any
 
 if __package__:  # imported by the agent
+    from argus_agent.jobs import cgroupfs
     from argus_agent.jobs.joboutput import PROGRESS_FLUSH_S, READ_CHUNK, JobOutput, keep_output
     from argus_agent.jobs.procfs import (
         boot_id,
@@ -59,6 +70,7 @@ if __package__:  # imported by the agent
     )
 else:  # run as a script (python -I -S shim.py): its stdlib-only siblings, nothing else
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import cgroupfs
     from joboutput import PROGRESS_FLUSH_S, READ_CHUNK, JobOutput, keep_output
     from procfs import boot_id, descendants, descendants_with_ticks, signal_process, start_ticks
 
@@ -107,6 +119,10 @@ class CwdError(OSError):
     """The job's user could not enter the working directory; the launch failed."""
 
 
+class PlacementError(OSError):
+    """The job's process could not join its cgroups or become its user; the launch failed."""
+
+
 class _Spec:
     """The launch spec the agent sends on stdin."""
 
@@ -124,6 +140,8 @@ class _Spec:
         self.kill_leftovers: bool = bool(raw.get("kill_leftovers", True))
         self.leftover_grace_s: float = float(raw.get("leftover_grace_s", 5.0))
         self.unkillable_wait_s: float = float(raw.get("unkillable_wait_s", UNKILLABLE_WAIT_S))
+        #: The job's cgroups (``cgroupfs``: ``{"v2": path, "memory": path, ...}``), or None.
+        self.cgroup: dict[str, str] | None = raw.get("cgroup") or None
 
 
 class Shim:
@@ -156,21 +174,31 @@ class Shim:
             self.output.chown(spec.uid, spec.gid)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        # The job's user enters the working directory, after uid, gid and groups were
-        # dropped (subprocess runs preexec_fn after setreuid), never root on its behalf.
+        # Between fork and exec, in this order: join the job's cgroups (with the shim's
+        # privileges), drop to the job's user (groups, gid, uid), and enter the working
+        # directory as that user, never as root on its behalf. A failure is told through
+        # this pipe as "<step>:<reason>".
         cwd_err_r, cwd_err_w = os.pipe2(os.O_CLOEXEC)
+        switch_user = spec.uid is not None and spec.uid != os.geteuid()
 
-        def enter_cwd() -> None:
+        def prepare_child() -> None:
+            step = "cgroup"
             try:
+                if spec.cgroup:
+                    cgroupfs.place(spec.cgroup)
+                step = "user"
+                if switch_user:
+                    os.setgroups(spec.groups or [])
+                    if spec.gid is not None:
+                        os.setregid(spec.gid, spec.gid)
+                    os.setreuid(spec.uid, spec.uid)
+                step = "cwd"
                 os.chdir(spec.cwd)
             except OSError as exc:
-                os.write(cwd_err_w, (exc.strerror or str(exc)).encode()[:500])
+                os.write(cwd_err_w, f"{step}:{exc.strerror or exc}".encode()[:500])
                 raise
 
         try:
-            kwargs: dict[str, Any] = {}
-            if spec.uid is not None and spec.uid != os.geteuid():
-                kwargs = {"user": spec.uid, "group": spec.gid, "extra_groups": spec.groups or []}
             self.child = subprocess.Popen(
                 spec.argv,
                 env=spec.env,
@@ -180,20 +208,23 @@ class Shim:
                 start_new_session=True,
                 close_fds=True,
                 umask=0o022,  # the agent may run with UMask=0077; jobs get the usual default
-                preexec_fn=enter_cwd,
-                **kwargs,
+                preexec_fn=prepare_child,
             )
         except BaseException as exc:
             os.close(out_r)
             os.close(err_r)
             os.close(cwd_err_w)
-            reason = os.read(cwd_err_r, 600).decode(errors="replace")
+            step, _, reason = os.read(cwd_err_r, 600).decode(errors="replace").partition(":")
             os.close(cwd_err_r)
             if reason and isinstance(exc, subprocess.SubprocessError):
                 user = f"uid {spec.uid}" if spec.uid is not None else "the job's user"
-                raise CwdError(
-                    f"cannot enter working directory {spec.cwd} as {user}: {reason}"
-                ) from None
+                if step == "cwd":
+                    raise CwdError(
+                        f"cannot enter working directory {spec.cwd} as {user}: {reason}"
+                    ) from None
+                if step == "cgroup":
+                    raise PlacementError(f"cannot place the job in its cgroup: {reason}") from None
+                raise PlacementError(f"cannot run the job as {user}: {reason}") from None
             raise
         finally:
             os.close(out_w)
@@ -284,15 +315,35 @@ class Shim:
 
     def _signal_tree(self, sig: int) -> int:
         """Signal the job's group (while its leader is unreaped, the group id cannot have been
-        reused) and every live descendant, each checked by start time. Returns how many
-        descendants were found."""
+        reused), every live descendant, each checked by start time, and every process in
+        the job's cgroup; SIGKILL goes to the cgroup as ``cgroup.kill`` (or freeze + kill).
+        Returns how many processes were found."""
         found = descendants_with_ticks(os.getpid())
         if self.child is not None and self.exit_status is None:
             with contextlib.suppress(OSError):
                 os.killpg(self.child.pid, sig)
+        members = self._members()
+        if members and sig == signal.SIGKILL:
+            with contextlib.suppress(OSError):
+                cgroupfs.kill(self._v2())
+        elif members:
+            cgroupfs.signal_members(self._v2(), sig)
         for pid, ticks in found.items():
             signal_process(pid, ticks, sig)
-        return len(found)
+        return len(set(found) | set(members))
+
+    def _v2(self) -> str:
+        assert self.spec.cgroup is not None
+        return self.spec.cgroup[cgroupfs.V2]
+
+    def _members(self) -> list[int]:
+        """The processes in the job's cgroup ([] without one)."""
+        return cgroupfs.procs_recursive(self._v2()) if self.spec.cgroup else []
+
+    def _job_processes(self) -> set[int]:
+        """What is left of the job: the shim's descendants (it is their subreaper) and the
+        processes in the job's cgroup, whatever they did to leave the tree."""
+        return descendants(os.getpid()) | set(self._members())
 
     def _escalate(self) -> None:
         due = self.kill_deadline is not None and time.monotonic() >= self.kill_deadline
@@ -306,8 +357,7 @@ class Shim:
             return False
         if time.monotonic() < self.kill_deadline + self.spec.unkillable_wait_s:
             return False
-        survivors = set(descendants(os.getpid()))
-        self.unkillable = sorted(survivors)
+        self.unkillable = sorted(self._job_processes())
         return True
 
     def _reap(self) -> None:
@@ -332,10 +382,10 @@ class Shim:
         deadline = self.kill_deadline or time.monotonic() + self.spec.leftover_grace_s
         give_up = max(deadline, time.monotonic()) + self.spec.unkillable_wait_s
         sig = signal.SIGTERM
-        while descendants(os.getpid()):
+        while self._job_processes():
             now = time.monotonic()
             if now >= give_up:
-                self.unkillable = sorted(descendants(os.getpid()))
+                self.unkillable = sorted(self._job_processes())
                 break
             self._signal_tree(sig)
             if sig == signal.SIGKILL:
@@ -408,6 +458,9 @@ class Shim:
             "log_truncated": truncated,
             "log_error": log_error,
         }
+        if self.spec.cgroup:
+            # Read before the agent removes the cgroup: OOM kills, peak and limit.
+            exit_info.update(cgroupfs.memory_facts(self.spec.cgroup))
         path = os.path.join(self.spec.job_dir, "exit.json")
         while True:
             try:
@@ -457,7 +510,7 @@ def main() -> int:
     signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes the selector via the wakeup fd
     try:
         answer = shim.start()
-    except CwdError as exc:
+    except (CwdError, PlacementError) as exc:
         _answer({"ok": False, "error": str(exc)})
         return 1
     except (OSError, subprocess.SubprocessError) as exc:

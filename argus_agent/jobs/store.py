@@ -4,11 +4,13 @@ Each file has one writer, so the agent and the per-job supervisor (shim) never r
 
 | file           | writer | content                                                        |
 |----------------|--------|----------------------------------------------------------------|
-| ``job.json``   | agent  | what to run, for whom, as whom (written before the launch)     |
+| ``job.json``   | agent  | what to run, for whom, as whom, in which cgroups (written      |
+|                |        | before the launch, so a restarted agent knows them too)        |
 | ``started.json``| shim  | job pid, process group, start ticks of job and shim            |
 | ``stop.json``  | agent  | who asked to stop, when, with which grace period               |
-| ``exit.json``  | shim   | exit code or signal, end time (the agent writes it only for a  |
-|                |        | job whose shim vanished without writing it)                    |
+| ``exit.json``  | shim   | exit code or signal, end time, OOM kills and memory peak and   |
+|                |        | limit of the job's cgroup (the agent writes it only for a job  |
+|                |        | whose shim vanished without writing it)                        |
 | ``output.log`` | shim   | the job's stdout and stderr                                    |
 
 A :class:`JobRecord` is the view assembled from these files. ``load`` checks every field's
@@ -37,6 +39,7 @@ from typing import Any
 
 from argus_agent.errors import StateError
 from argus_agent.fsutil import atomic_write_json, ensure_private_dir, read_json
+from argus_agent.jobs import cgroupfs
 from argus_agent.jobs.shim import STOP_GRACE_KEY
 from argus_agent.logsetup import get_logger
 
@@ -55,6 +58,7 @@ INTENT_FIELDS = (
     "uid",
     "gid",
     "launched_at",
+    "cgroup",
 )
 STARTED_FIELDS = (
     "pid",
@@ -76,6 +80,9 @@ EXIT_FIELDS = (
     "killed_after_grace",
     "log_truncated",
     "log_error",
+    "oom_kills",
+    "memory_peak_bytes",
+    "memory_limit_bytes",
 )
 
 
@@ -95,6 +102,9 @@ class JobRecord:
     run_as: str | None = None
     uid: int | None = None
     gid: int | None = None
+    #: The job's cgroups (``cgroupfs``: ``{"v2": path, "memory": path, ...}``), None when
+    #: it has none (tracked through /proc).
+    cgroup: dict[str, str] | None = None
     pid: int | None = None
     pgid: int | None = None
     start_ticks: int | None = None
@@ -114,6 +124,11 @@ class JobRecord:
     killed_after_grace: bool | None = None
     log_truncated: bool | None = None
     log_error: str | None = None
+    #: From the job's cgroup at its end: processes the kernel's OOM killer killed, the
+    #: memory peak and the limit it ran under (the host's memory when none was set).
+    oom_kills: int | None = None
+    memory_peak_bytes: int | None = None
+    memory_limit_bytes: int | None = None
 
     @property
     def started(self) -> bool:
@@ -138,10 +153,28 @@ class JobRecord:
         """A copy with the given fields changed."""
         return replace(self, **changes)
 
+    @property
+    def oom_reason(self) -> str | None:
+        """ "killed by the kernel OOM killer (memory peak … of …)" when the OOM killer
+        killed a process of the job, else None."""
+        return cgroupfs.oom_reason(
+            {
+                "oom_kills": self.oom_kills,
+                "memory_peak_bytes": self.memory_peak_bytes,
+                "memory_limit_bytes": self.memory_limit_bytes,
+            }
+        )
+
     def describe_exit(self) -> str:
         """A short human description of how the job ended ('running' while it runs)."""
         if self.ended_at is None:
             return self.state
+        oom = self.oom_reason
+        if oom is not None and self.exit_signal == signal.SIGKILL and not self.stop_requested_at:
+            text = oom  # the job's main process itself was the OOM killer's victim
+            if self.exit_note:
+                text += f"; {self.exit_note}"
+            return text
         if self.exit_signal is not None:
             try:
                 name = signal.Signals(self.exit_signal).name
@@ -151,12 +184,15 @@ class JobRecord:
         elif self.exit_code is not None:
             text = f"exit code {self.exit_code}"
         else:
-            return self.exit_note or "ended, exit status unknown"
+            text = self.exit_note or "ended, exit status unknown"
+            return f"{oom}; {text}" if oom is not None else text
         if self.stop_requested_at:
             who = self.stop_requested_by or "unknown"
             text += f", stopped on request of {who}"
             if self.killed_after_grace:
                 text += " (SIGKILL after the grace period)"
+        if oom is not None:  # a worker was killed, the main process ended otherwise
+            text += f"; a process of the job was {oom}"
         if self.exit_note:  # e.g. a stop that gave up on processes that would not die
             text += f"; {self.exit_note}"
         return text
@@ -285,10 +321,14 @@ class JobStore:
         """Write ``exit.json`` for a job whose shim is gone (the agent took it over)."""
         atomic_write_json(self.job_dir(batch_id) / "exit.json", info)
 
-    def write_lost_exit(self, batch_id: str, note: str) -> None:
-        """Write ``exit.json`` for a job whose shim vanished without writing one."""
+    def write_lost_exit(
+        self, batch_id: str, note: str, facts: dict[str, int | None] | None = None
+    ) -> None:
+        """Write ``exit.json`` for a job whose shim vanished without writing one (with the
+        memory ``facts`` of its cgroup, when it has one)."""
         atomic_write_json(
-            self.job_dir(batch_id) / "exit.json", {"ended_at": time.time(), "exit_note": note}
+            self.job_dir(batch_id) / "exit.json",
+            {"ended_at": time.time(), "exit_note": note, **(facts or {})},
         )
 
     def load(self, batch_id: str) -> JobRecord:

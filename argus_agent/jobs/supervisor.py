@@ -9,11 +9,19 @@ shim recorded.
 
 A killed shim never kills its job: the agent holds read ends of the job's output pipes
 (``takeover.OutputPipes``), and when a shim dies before recording an exit status while its
-job runs, the agent takes the job over: an output keeper process carries the output into
-the log (``takeover.OutputKeeper``, which outlives an agent restart), the agent stops the job
-itself on request (``proctree``), learns the exit status when the job was re-parented to it
-(the agent is a child subreaper, see ``reaper``), and reports the end ("exit status unknown:
-supervisor was killed" when the kernel gave the status to someone else).
+job runs, the agent takes the job over (``carryon``, mixed in here): an output keeper
+process carries the output into the log (``takeover.OutputKeeper``, which outlives an agent
+restart), the agent stops the job itself on request (``proctree``, or the job's cgroup),
+learns the exit status when the job was re-parented to it (the agent is a child subreaper,
+see ``reaper``), and reports the end ("exit status unknown: supervisor was killed" when the
+kernel gave the status to someone else).
+
+Where the agent may write a cgroup subtree (``cgroups``), each job gets cgroups of its own,
+made before its launch and recorded in its ``job.json``, so a restarted agent keeps using
+them: the shim places the job in them, stops end with the cgroup killed, the OOM killer's
+kills are read from them, and the agent's own stop of a job whose shim is gone kills the
+cgroup instead of hunting processes through /proc. They are removed once the job's end was
+reported.
 """
 
 from __future__ import annotations
@@ -26,46 +34,31 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from argus_agent.config import JobSettings
 from argus_agent.errors import JobError, LaunchError
-from argus_agent.jobs import proctree, reaper
+from argus_agent.jobs import cgroupfs, proctree, reaper
+from argus_agent.jobs.carryon import ADOPTED_POLL_S, SHIM_PATH, CarryOn, Job
+from argus_agent.jobs.cgroups import Cgroups, remove_job
 from argus_agent.jobs.procfs import signal_process
 from argus_agent.jobs.spec import LaunchSpec
 from argus_agent.jobs.store import JobRecord, JobRecordError, JobStore
-from argus_agent.jobs.takeover import OutputKeeper, OutputPipes
+from argus_agent.jobs.takeover import OutputPipes
 from argus_agent.logsetup import get_logger
 
 log = get_logger(__name__)
 
-SHIM_PATH = Path(__file__).with_name("shim.py")
-#: How often a job adopted from an earlier agent run (its shim is not our child) is checked.
-ADOPTED_POLL_S = 0.5
+__all__ = ["SHIM_PATH", "JobManager", "mark_reported"]
+
 #: How long the shim may take to report that the exec succeeded or failed.
 LAUNCH_TIMEOUT_S = 30.0
 #: How long shutdown waits for job ends still being reported (they are retried at next start).
 SHUTDOWN_REPORT_S = 10.0
 LOST = "the job's supervisor ended without recording an exit status"
-SHIM_KILLED = "exit status unknown: supervisor was killed"
-#: How long the agent keeps reading a taken-over job's pipes after the job ended.
-TAKEOVER_DRAIN_S = 1.0
-#: Grace between SIGTERM and SIGKILL for what a taken-over job left behind.
-LEFTOVER_GRACE_S = 5.0
 
 
-@dataclass
-class _Job:
-    record: JobRecord
-    watcher: asyncio.Task[None] | None = None
-    fallback_stop: asyncio.Task[proctree.StopResult] | None = None
-    ended: asyncio.Event = field(default_factory=asyncio.Event)
-    #: The agent's own read ends of the job's output pipes (see ``takeover``).
-    pipes: OutputPipes | None = None
-
-
-class JobManager:
+class JobManager(CarryOn):
     """The jobs this agent supervises. Use from one event loop."""
 
     def __init__(
@@ -75,14 +68,18 @@ class JobManager:
         *,
         python: str | None = None,
         on_ended: Callable[[JobRecord], Awaitable[None]] | None = None,
+        cgroups: Cgroups | None = None,
     ):
         self.store = store
         self.settings = settings
+        #: Whether and where jobs get cgroups; set up by ``adopt_existing`` (its ``status()``
+        #: says why not, when not).
+        self.cgroups = cgroups or Cgroups(settings)
         self.python = python or sys.executable
         #: Called once per job end (also for jobs that ended while the agent was away); the
         #: end counts as reported only once it returned.
         self.on_ended = on_ended
-        self._jobs: dict[str, _Job] = {}
+        self._jobs: dict[str, Job] = {}
         self._reports: set[asyncio.Task[None]] = set()
         #: Shims and output keepers this process started: asyncio waits for them, so
         #: ``reap_orphans`` must not, and no fallback stop takes them for a job's orphans.
@@ -112,21 +109,26 @@ class JobManager:
     # -- start-up ------------------------------------------------------------------------
 
     def adopt_existing(self) -> tuple[list[JobRecord], list[JobRecord]]:
-        """Load the jobs of earlier agent runs. Call once at start-up.
+        """Set up cgroups (``Cgroups.start``: the agent may move into its own leaf), then
+        load the jobs of earlier agent runs. Call once at start-up.
 
         Returns (jobs re-adopted as running, jobs found to have ended while the agent was
-        away). Jobs that had ended before are loaded quietly.
+        away). Jobs that had ended before are loaded quietly; cgroups of reported ones that
+        were left (a crash between report and removal) are removed.
         """
+        self.cgroups.start()
         adopted: list[JobRecord] = []
         ended_meanwhile: list[JobRecord] = []
         # Damaged records are moved to jobs/.quarantine and listed in store.quarantined.
         for record in self.store.load_all(quarantine=True):
-            job = _Job(record)
+            job = Job(record)
             self._jobs[record.batch_id] = job
             if record.ended_at is not None:
                 job.ended.set()
                 if not _was_reported(self.store, record):
                     ended_meanwhile.append(record)
+                else:
+                    remove_job(record.batch_id, record.cgroup)
                 continue
             try:  # one job that cannot be adopted never keeps the others from it
                 same_boot = record.boot_id in (None, proctree.boot_id())
@@ -174,6 +176,17 @@ class JobManager:
         if spec.batch_id in self._jobs:
             raise JobError(f"a job for batch {spec.batch_id} already exists on this host")
         job_dir = self.store.job_dir(spec.batch_id)
+        if (job_dir / "job.json").exists():  # before making cgroups another job may own
+            raise JobError(f"a job for batch {spec.batch_id} already exists on this host")
+        try:
+            cgroup = self.cgroups.create_job(spec.batch_id)
+        except OSError as exc:
+            cgroup = None
+            log.warning(
+                "cannot make the job's cgroup; it runs without one (tracked through /proc)",
+                batch_id=spec.batch_id,
+                error=exc.strerror or str(exc),
+            )
         intent = JobRecord(
             batch_id=spec.batch_id,
             cmd_id=spec.cmd_id,
@@ -187,21 +200,25 @@ class JobManager:
             uid=spec.identity.uid,
             gid=spec.identity.gid,
             launched_at=time.time(),
+            cgroup=cgroup,
         )
         try:
             self.store.create(intent)
         except FileExistsError:
+            remove_job(spec.batch_id, cgroup)
             raise JobError(f"a job for batch {spec.batch_id} already exists on this host") from None
         except OSError as exc:
+            remove_job(spec.batch_id, cgroup)
             reason = exc.strerror or exc
             raise LaunchError(f"cannot create the job directory {job_dir}: {reason}") from None
         try:
-            process, answer = await self._start_shim(spec, job_dir, intent.log_path)
+            process, answer = await self._start_shim(spec, job_dir, intent.log_path, cgroup)
         except LaunchError:
             self.store.discard(spec.batch_id)
+            remove_job(spec.batch_id, cgroup)
             raise
         record = self.store.load(spec.batch_id)
-        job = _Job(record)
+        job = Job(record)
         job.pipes = OutputPipes.attach(process.pid, record.pid, record.output_pipes)
         self._jobs[spec.batch_id] = job
         self._spawned.add(process.pid)
@@ -213,11 +230,12 @@ class JobManager:
             shim_pid=process.pid,
             run_as=spec.identity.user,
             cwd=str(spec.cwd),
+            cgroup=cgroup[cgroupfs.V2] if cgroup else None,
         )
         return record
 
     async def _start_shim(
-        self, spec: LaunchSpec, job_dir: Path, log_path: str
+        self, spec: LaunchSpec, job_dir: Path, log_path: str, cgroup: dict[str, str] | None
     ) -> tuple[asyncio.subprocess.Process, dict]:
         launch_spec = {
             "job_dir": str(job_dir),
@@ -232,6 +250,7 @@ class JobManager:
             "stop_grace_s": self.settings.stop_grace_s,
             "kill_leftovers": self.settings.kill_leftovers,
             "unkillable_wait_s": self.settings.unkillable_wait_s,
+            "cgroup": cgroup,
         }
         shim_log = os.open(job_dir / "shim.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
@@ -269,10 +288,13 @@ class JobManager:
 
     # -- stop ----------------------------------------------------------------------------
 
-    async def stop(self, batch_id: str, requested_by: str | None) -> JobRecord:
+    async def stop(
+        self, batch_id: str, requested_by: str | None, *, grace_s: float | None = None
+    ) -> JobRecord:
         """Begin stopping the job of ``batch_id``: its shim sends SIGTERM to the whole tree
-        now and SIGKILL to whatever is left after the grace period. Returns at once;
-        idempotent while a stop is under way.
+        now and SIGKILL to whatever is left after the grace period (``grace_s``, else
+        ``jobs.stop_grace_s``). Returns at once; idempotent while a stop is under way (the
+        first stop's grace period stands).
 
         Raises JobError when this host has no running job for the batch.
         """
@@ -286,7 +308,7 @@ class JobManager:
             record = record.with_changes(
                 stop_requested_by=requested_by,
                 stop_requested_at=time.time(),
-                stop_grace_s=self.settings.stop_grace_s,
+                stop_grace_s=self.settings.stop_grace_s if grace_s is None else grace_s,
             )
             job.record = record
             self.store.write_stop(record)
@@ -297,47 +319,24 @@ class JobManager:
             self._stop_without_shim(job)
         return record
 
-    def _stop_without_shim(self, job: _Job) -> None:
-        """The agent's own stop of a job whose shim is gone (once per job): what is left of
-        the grace period from when the stop was asked for, then SIGKILL. Idempotent."""
-        record = job.record
-        if job.fallback_stop is not None or record.pid is None:
-            return
-        log.warning(
-            "job supervisor is gone; the agent stops the job itself", batch_id=record.batch_id
-        )
-        grace = self.settings.stop_grace_s if record.stop_grace_s is None else record.stop_grace_s
-        asked = record.stop_requested_at or time.time()
-        job.fallback_stop = asyncio.create_task(
-            proctree.terminate_processes(
-                record.pid,
-                record.start_ticks,
-                record.pgid or record.pid,
-                record.batch_id,
-                max(0.0, asked + grace - time.time()),
-                unkillable_wait_s=self.settings.unkillable_wait_s,
-                exclude=self._not_of(job),
-            )
-        )
-
-    def _not_of(self, job: _Job) -> set[int]:
-        """Processes a fallback stop of ``job`` must leave alone: the shims this agent
-        started and the main processes of its other jobs."""
-        others = {j.record.pid for j in self._jobs.values() if j is not job and j.record.pid}
-        return {*self._spawned, *others}
-
     # -- housekeeping --------------------------------------------------------------------
 
     def prune(self, retention_s: float) -> int:
         """Forget jobs that ended more than ``retention_s`` ago and whose end was reported
         (their dirs are removed)."""
         cutoff = time.time() - retention_s
+        reported = [
+            j.record
+            for j in self._jobs.values()
+            if j.record.ended_at is not None and _was_reported(self.store, j.record)
+        ]
+        # Cgroups a process that would not die kept are tried again; such a job is kept
+        # (and listed) until they are gone.
+        kept = {r.batch_id for r in reported if not remove_job(r.batch_id, r.cgroup)}
         old = [
-            b
-            for b, j in self._jobs.items()
-            if j.record.ended_at is not None
-            and j.record.ended_at < cutoff
-            and _was_reported(self.store, j.record)  # its end reached the server first
+            r.batch_id
+            for r in reported
+            if r.ended_at is not None and r.ended_at < cutoff and r.batch_id not in kept
         ]
         for batch_id in old:
             self.store.discard(batch_id)
@@ -364,18 +363,18 @@ class JobManager:
 
     # -- watching ------------------------------------------------------------------------
 
-    async def _watch_child(self, job: _Job, process: asyncio.subprocess.Process) -> None:
+    async def _watch_child(self, job: Job, process: asyncio.subprocess.Process) -> None:
         await process.wait()
         self._spawned.discard(process.pid)
         await self._after_shim(job)
 
-    async def _watch_adopted(self, job: _Job) -> None:
+    async def _watch_adopted(self, job: Job) -> None:
         record = job.record
         while proctree.is_same_process(record.shim_pid, record.shim_start_ticks):
             await asyncio.sleep(ADOPTED_POLL_S)
         await self._after_shim(job)
 
-    async def _after_shim(self, job: _Job) -> None:
+    async def _after_shim(self, job: Job) -> None:
         """The job's shim is gone: report the end it recorded, or take the job over."""
         record = job.record
         if (self.store.job_dir(record.batch_id) / "exit.json").exists():
@@ -388,114 +387,7 @@ class JobManager:
         self._write_exit(job, status, None)
         self._ended(job)
 
-    async def _take_over(self, job: _Job) -> None:
-        """Carry on a job whose shim was killed: its output, its stop, its end. Returns once
-        the job's main process ended and its end is recorded."""
-        record = job.record
-        log.error(
-            "the job's supervisor was killed while the job runs; the agent carries the job "
-            "on itself (output, stop and end)",
-            batch_id=record.batch_id,
-            pid=record.pid,
-        )
-        keeper = OutputKeeper(self.store.job_dir(record.batch_id), self.python, SHIM_PATH)
-        await self._keep_output(job, keeper)
-        await self._carry_on(job, keeper)
-
-    async def _keep_output(self, job: _Job, keeper: OutputKeeper) -> None:
-        """Make sure an output keeper reads the job's pipes (one, not two: a keeper an
-        earlier agent started goes on)."""
-        if job.pipes is None or keeper.alive():
-            return
-        try:
-            await keeper.start(job.pipes, job.record.log_path, self.settings.log_max_bytes)
-            assert keeper.process is not None
-            self._spawned.add(keeper.process.pid)
-        except OSError as exc:
-            log.error(
-                "cannot start the job's output keeper; its output is lost",
-                batch_id=job.record.batch_id,
-                error=str(exc),
-            )
-
-    async def _carry_on(self, job: _Job, keeper: OutputKeeper) -> None:
-        record = job.record
-        status = None
-        assert record.pid is not None
-        if record.stop_requested_at is not None:
-            # A stop was under way when the shim died: the agent finishes it.
-            self._stop_without_shim(job)
-        while True:
-            status = reaper.reap(record.pid)
-            if status is not None or not proctree.is_same_process(record.pid, record.start_ticks):
-                break
-            if job.fallback_stop is not None and job.fallback_stop.done():
-                break  # a stop gave up on what would not die: the job is recorded as ended
-            self.reap_orphans()
-            if not keeper.alive():
-                await self._keep_output(job, keeper)  # the keeper died: another one
-            await asyncio.sleep(ADOPTED_POLL_S / 5)
-        if job.fallback_stop is None and self.settings.kill_leftovers:
-            # As the shim would: nothing the job started outlives it. Recorded as the job's
-            # stop task, so a stop arriving now joins it instead of starting another.
-            job.fallback_stop = asyncio.create_task(
-                proctree.terminate_processes(
-                    None,
-                    None,
-                    record.pgid or record.pid,
-                    record.batch_id,
-                    LEFTOVER_GRACE_S,
-                    unkillable_wait_s=self.settings.unkillable_wait_s,
-                    exclude=self._not_of(job),
-                )
-            )
-        survivors: list[int] = []
-        killed_after_grace = False
-        if job.fallback_stop is not None:
-            result = await job.fallback_stop
-            survivors = result.survivors
-            killed_after_grace = result.killed > 0 and record.stop_requested_at is not None
-        self.reap_orphans()
-        await keeper.finish(TAKEOVER_DRAIN_S)
-        if keeper.process is not None:
-            self._spawned.discard(keeper.process.pid)
-        self._write_exit(job, status, survivors, killed_after_grace=killed_after_grace)
-        self._ended(job)
-
-    def _write_exit(
-        self,
-        job: _Job,
-        status: int | None,
-        survivors: list[int] | None,
-        *,
-        killed_after_grace: bool = False,
-    ) -> None:
-        """Record the end of a job whose shim could not (``exit.json``)."""
-        note = None
-        if survivors:
-            note = (
-                f"stop incomplete: process(es) {', '.join(map(str, survivors))} would not die "
-                "after SIGKILL (uninterruptible sleep, or not permitted to signal them)"
-            )
-        elif status is None:
-            note = SHIM_KILLED
-        info = {
-            "exit_code": os.WEXITSTATUS(status)
-            if status is not None and os.WIFEXITED(status)
-            else None,
-            "exit_signal": os.WTERMSIG(status)
-            if status is not None and os.WIFSIGNALED(status)
-            else None,
-            "ended_at": time.time(),
-            "exit_note": note,
-            "killed_after_grace": killed_after_grace,
-        }
-        try:
-            self.store.write_exit(job.record.batch_id, info)
-        except OSError as exc:
-            log.error("cannot record the job's end", batch_id=job.record.batch_id, error=str(exc))
-
-    def _ended(self, job: _Job) -> None:
+    def _ended(self, job: Job) -> None:
         try:
             record = self.store.load(job.record.batch_id)
         except JobRecordError as exc:
@@ -533,6 +425,7 @@ class JobManager:
                 )
                 return
             mark_reported(self.store, record)
+            remove_job(record.batch_id, record.cgroup)  # its end is out: nothing left to read
 
         task = asyncio.create_task(report())
         self._reports.add(task)
@@ -543,9 +436,9 @@ class JobManager:
         while self._reports:
             await asyncio.gather(*list(self._reports), return_exceptions=True)
 
-    def _mark_lost(self, job: _Job, note: str) -> None:
+    def _mark_lost(self, job: Job, note: str) -> None:
         try:
-            self.store.write_lost_exit(job.record.batch_id, note)
+            self.store.write_lost_exit(job.record.batch_id, note, self._memory_facts(job.record))
             job.record = self.store.load(job.record.batch_id)
         except (OSError, ValueError, TypeError):
             job.record = job.record.with_changes(ended_at=time.time(), exit_note=note)

@@ -50,9 +50,13 @@ class GpuBackend(Protocol):
 
 
 class NoGpuBackend:
-    """A host without (usable) GPUs."""
+    """A host without (usable) GPUs. ``reason`` says why, for status (None when none was
+    asked for)."""
 
     name = "none"
+
+    def __init__(self, reason: str | None = None) -> None:
+        self.reason = reason
 
     def read(self) -> list[GpuDevice]:
         """No devices."""
@@ -187,7 +191,7 @@ def open_backend(mode: str) -> GpuBackend:
             log.error("GPU readings unavailable; GPU fields will be empty", reason=str(exc))
         else:
             log.info("no GPU readings on this host; GPU fields will be empty", reason=str(exc))
-        return NoGpuBackend()
+        return NoGpuBackend(str(exc))
     log.info("GPU readings through NVML", devices=len(backend._handles))
     return backend
 
@@ -220,7 +224,7 @@ async def open_backend_async(mode: str, timeout_s: float) -> GpuBackend:
         )
     except TimeoutError:
         log.error("NVML did not initialise in time; GPU fields will be empty", timeout_s=timeout_s)
-        return NoGpuBackend()
+        return NoGpuBackend(f"NVML did not initialise within {timeout_s:g} s")
 
 
 class GpuReader:

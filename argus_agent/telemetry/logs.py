@@ -27,7 +27,14 @@ import uuid
 from dataclasses import dataclass
 from json.encoder import encode_basestring as encode_json_string
 
-from argus_agent.events import EventChunk, EventKind, EventSource, utc_timestamp
+from argus_agent.events import (
+    EventChunk,
+    EventKind,
+    EventSource,
+    encode_event,
+    envelope_head,
+    utc_timestamp,
+)
 from argus_agent.outbox import LogOffset
 
 READ_BYTES = 4 * 1024 * 1024
@@ -100,11 +107,7 @@ class LogTailer:
         self.batch_id = batch_id
         self.log_path = log_path
         self.streams_path = os.path.join(os.path.dirname(log_path), "output.streams")
-        self._envelope_head = (
-            f'"schema_version":"1.1","event_type":"log_line",'
-            f'"batch_id":{json.dumps(batch_id)},'
-            f'"source":{json.dumps(source.as_dict(), separators=(",", ":"))},'
-        )
+        self._envelope_head = envelope_head("log_line", batch_id, source)
         self.offset = start.offset if start else 0
         self.line_no = start.line_no if start else 0
         self.skipped = start.skipped if start else 0
@@ -114,6 +117,13 @@ class LogTailer:
         self._id_counter = 0
         self.exit_path = os.path.join(os.path.dirname(log_path), "exit.json")
         self._loss_marked = False
+
+    def set_rate(self, max_lines_per_s: float) -> None:
+        """A new ``telemetry.log_max_lines_per_s`` (a config reload) for the next reads.
+        Called from the event loop while ``read`` may run in a thread: each is one float
+        assignment, and a read between the two merely uses the old rate once."""
+        self.max_lines_per_s = max_lines_per_s
+        self.bucket.rate = max_lines_per_s
 
     def read(
         self, *, final: bool = False, at: float | None = None
@@ -220,7 +230,8 @@ class LogTailer:
         number: int,
         event_id: str | None = None,
     ) -> None:
-        # Hand-assembled JSON (only the line's text needs escaping): the hot path of tailing.
+        # The data object is put together by hand (only the line's text needs escaping),
+        # the envelope by events.encode_event: the hot path of tailing.
         text = line_text(line)
         level = "warning" if stream == "agent" else (line_level(text) or "info")
         if event_id is None:
@@ -228,9 +239,13 @@ class LogTailer:
             event_id = f"{self._id_prefix}{self._id_counter:08x}"
         ids.append(event_id)
         bodies.append(
-            f'{{"event_id":"{event_id}",{self._envelope_head}"timestamp":"{timestamp}",'
-            f'"data":{{"line":{encode_json_string(text)},"level":"{level}",'
-            f'"stream":"{stream}","line_no":{number}}}}}'
+            encode_event(
+                event_id,
+                self._envelope_head,
+                timestamp,
+                f'{{"line":{encode_json_string(text)},"level":"{level}",'
+                f'"stream":"{stream}","line_no":{number}}}',
+            )
         )
 
     def _skipped_marker(

@@ -81,6 +81,12 @@ def snapshot_data(
         "disk_total_mb": disk[1] if disk else None,
         "proc_cpu_pct": tree.cpu_pct,
         "proc_ram_mb": round(tree.rss_bytes / (1024 * 1024), 1),
+        # The job's memory peak, kept by its cgroup (None for a job tracked through /proc).
+        "proc_ram_peak_mb": (
+            round(tree.mem_peak_bytes / (1024 * 1024), 1)
+            if tree.mem_peak_bytes is not None
+            else None
+        ),
         "num_procs": tree.num_procs,
         "num_threads": tree.num_threads,
         "io_read_bytes_per_s": tree.io_read_bps,
@@ -148,6 +154,11 @@ class Telemetry:
         #: Where the loops report progress (the daemon shares its own).
         self.health = Health(DEFAULT_STALL_S)
         self.last_tick_s: float | None = None
+        #: Set by ``apply_settings`` to cut the sampler's wait short (a new interval).
+        self._reloaded = asyncio.Event()
+        #: Each running job's latest reading, for status: batch id → ``{"sampled_at",
+        #: "cpu_pct", "rss_bytes", "gpu_mem_mb"}`` (replaced whole each tick).
+        self.latest: dict[str, dict[str, float | None]] = {}
 
     def source(self, record: JobRecord) -> EventSource:
         """The ``source`` block of a job's events."""
@@ -165,11 +176,13 @@ class Telemetry:
 
     async def run(self, shutdown: asyncio.Event) -> None:
         """Produce until ``shutdown`` is set (after ``start``)."""
-        tasks = [asyncio.create_task(self._drop_notices(shutdown))]
-        if self.settings.enabled:
-            tasks.append(asyncio.create_task(self._sample_loop(shutdown)))
-            if self.settings.logs:
-                tasks.append(asyncio.create_task(self._log_loop(shutdown)))
+        # Both loops run whatever telemetry.enabled and .logs say and idle while switched
+        # off: a config reload (``apply_settings``) may switch them either way.
+        tasks = [
+            asyncio.create_task(self._drop_notices(shutdown)),
+            asyncio.create_task(self._sample_loop(shutdown)),
+            asyncio.create_task(self._log_loop(shutdown)),
+        ]
         stopper = asyncio.create_task(shutdown.wait())
         try:
             done, _ = await asyncio.wait({stopper, *tasks}, return_when=asyncio.FIRST_COMPLETED)
@@ -235,7 +248,8 @@ class Telemetry:
         while not shutdown.is_set():
             self.health.report("sampler")
             try:
-                await self.sample_once()
+                if self.settings.enabled:
+                    await self.sample_once()
             except Exception:
                 log.exception("resource sampling failed; trying again next tick")
             next_at += self.settings.interval_s
@@ -244,25 +258,55 @@ class Telemetry:
                 next_at = time.monotonic() + self.settings.interval_s
                 delay = self.settings.interval_s
             self.health.report("sampler", delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(shutdown.wait(), delay)
+            if await self._pause(shutdown, delay):
+                next_at = time.monotonic()  # a reload: sample now, then on the new interval
+
+    async def _pause(self, shutdown: asyncio.Event, delay: float) -> bool:
+        """Wait ``delay`` seconds, less when shutdown is set or a reload changed the
+        settings; True in the last case."""
+        waits = [asyncio.ensure_future(e.wait()) for e in (shutdown, self._reloaded)]
+        try:
+            await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        reloaded = self._reloaded.is_set()
+        self._reloaded.clear()
+        return reloaded and not shutdown.is_set()
+
+    def apply_settings(self, settings: TelemetrySettings) -> None:
+        """Use ``settings`` (a config reload): the switches, intervals and the log rate limit
+        take effect at once; the GPU backend and the outbox keep what they opened with."""
+        self.settings = settings
+        for tailer in self._tailers.values():
+            tailer.set_rate(settings.log_max_lines_per_s)
+        self._reloaded.set()
 
     async def sample_once(self) -> int:
         """Take one snapshot of every running job and queue it; returns how many."""
         running = [r for r in self.jobs.running() if r.shim_pid]
         if not running:
+            self.latest = {}
             return 0
-        refs = [JobRef(r.batch_id, r.shim_pid or 0, r.cwd) for r in running]
+        refs = [JobRef(r.batch_id, r.shim_pid or 0, r.cwd, r.cgroup) for r in running]
         started = time.perf_counter()
         host, trees, disks = await asyncio.to_thread(self._read_procs, refs)
         gpus = await self.gpu.read()
         self.last_tick_s = time.perf_counter() - started
         events = []
+        latest: dict[str, dict[str, float | None]] = {}
+        now = time.time()
         for record in running:
             tree = trees.get(record.batch_id)
             if tree is None:
                 continue
             data = snapshot_data(host, tree, gpus, disks.get(record.cwd))
+            latest[record.batch_id] = {
+                "sampled_at": now,
+                "cpu_pct": tree.cpu_pct,
+                "rss_bytes": tree.rss_bytes,
+                "gpu_mem_mb": data["proc_gpu_mem_mb"],
+            }
             events.append(
                 make_event(
                     "resource_snapshot",
@@ -272,6 +316,7 @@ class Telemetry:
                     data,
                 )
             )
+        self.latest = latest
         await self.outbox.put(events)
         self.snapshots_sent += len(events)
         return len(events)
@@ -288,7 +333,8 @@ class Telemetry:
     async def _log_loop(self, shutdown: asyncio.Event) -> None:
         while not shutdown.is_set():
             self.health.report("log tailer")
-            for record in self._tail_candidates(self.jobs.records()):
+            on = self.settings.enabled and self.settings.logs  # may change on a reload
+            for record in self._tail_candidates(self.jobs.records()) if on else ():
                 try:
                     await self._tail(record, final=False)
                 except Exception:

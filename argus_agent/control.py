@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from argus_agent.audit import AuditLog
 from argus_agent.blocking import call_in_thread
-from argus_agent.drain import MAX_REASON
+from argus_agent.drain import MAX_REASON, has_control_chars
 from argus_agent.errors import AgentError, StateError
 from argus_agent.logsetup import get_logger
 
@@ -63,8 +63,7 @@ MAX_ANSWER = 64 << 20
 
 
 def _no_control_chars(value: str | None) -> str | None:
-    # Reasons and batch ids end up in acks, batch errors, logs and one-line outputs.
-    if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if value is not None and has_control_chars(value):
         raise ValueError("must not contain control characters (newlines, tabs, escapes)")
     return value
 
@@ -270,6 +269,8 @@ class ControlServer:
             body = json.loads(text)
         except ValueError as exc:
             return _error(f"request is not valid JSON: {exc}")
+        except RecursionError:
+            return _error("request is not valid JSON: nested too deeply")
         op = body.get("op") if isinstance(body, dict) else None
         if not isinstance(op, str) or op not in self.known_ops:
             shown = repr(op[:40]) if isinstance(op, str) else "missing"
@@ -313,7 +314,7 @@ def _op_of(line: bytes | None) -> str | None:
     if not line:
         return None
     text = line.decode(errors="replace").strip()
-    with contextlib.suppress(ValueError, AttributeError):
+    with contextlib.suppress(ValueError, AttributeError, RecursionError):
         op = json.loads(text).get("op")
         return op[:40] if isinstance(op, str) else None
     return text[:40].split(" ")[0] or None
@@ -389,7 +390,8 @@ def request(path: Path, op: str, *, timeout: float = 10.0, **fields: Any) -> dic
     when it is ``ok`` (blocking). Raises AgentNotAnswering when no agent answers,
     ControlRefused with the agent's reason when it refuses."""
     body = {"op": op, **{k: v for k, v in fields.items() if v is not None}}
-    line = json.dumps(body).encode() + b"\n"
+    # UTF-8 as is: escaped, one emoji takes 12 bytes and a MAX_REASON reason would not fit.
+    line = json.dumps(body, ensure_ascii=False).encode() + b"\n"
     if len(line) > MAX_REQUEST:
         raise ControlRefused(f"request too long: at most {MAX_REQUEST} bytes")
     answer = _exchange(path, line, timeout)

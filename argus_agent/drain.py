@@ -14,6 +14,7 @@ maintenance), with a reason saying what is wrong; ``undrain`` clears it.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from pathlib import Path
@@ -87,6 +88,8 @@ class DrainState:
             self.path.unlink()
         except FileNotFoundError:
             pass
+        except IsADirectoryError:  # a damaged state: an empty directory goes, others stay
+            self.path.rmdir()
         else:
             # The removal must survive a crash as a write would (atomic_write fsyncs too).
             with contextlib.suppress(OSError):
@@ -124,14 +127,33 @@ class DrainState:
         )
 
 
+#: The longest ``by`` (a user name, or ``uid N``) a drain file may hold.
+MAX_BY = 256
+#: How far in the future a drain's ``since`` may lie (clock steps, NTP).
+MAX_SINCE_SKEW_S = 300.0
+
+
+def has_control_chars(text: str) -> bool:
+    """Whether ``text`` holds control characters (newlines, tabs, terminal escapes): reasons
+    and names end up in acks, batch errors, logs and one-line outputs."""
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
+def _printable(value: Any, limit: int) -> bool:
+    return isinstance(value, str) and len(value) <= limit and not has_control_chars(value)
+
+
 def _well_formed(data: Any) -> bool:
-    """Whether ``data`` is what ``DrainState.drain`` writes."""
+    """Whether ``data`` is what ``DrainState.drain`` writes, under the control socket's rules
+    for the same fields (a hand-edited file gets no more than a request would)."""
     if not isinstance(data, dict) or data.get("draining") is not True:
         return False
     since, by, reason = data.get("since"), data.get("by"), data.get("reason")
     return (
         isinstance(since, int | float)
         and not isinstance(since, bool)
-        and isinstance(by, str)
-        and (reason is None or isinstance(reason, str))
+        and math.isfinite(since)
+        and 0 <= since <= time.time() + MAX_SINCE_SKEW_S
+        and _printable(by, MAX_BY)
+        and (reason is None or _printable(reason, MAX_REASON))
     )

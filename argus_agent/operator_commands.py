@@ -37,7 +37,10 @@ def run_operator_command(command: str, settings: Settings, args: argparse.Namesp
 def _when(ts: Any) -> str:
     if not isinstance(ts, int | float):
         return "?"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    except (OverflowError, OSError, ValueError):  # not a time (NaN, far past or future)
+        return "?"
 
 
 def _drained(answer: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -208,12 +209,31 @@ def test_a_damaged_drain_file_keeps_the_host_draining(tmp_path: Path) -> None:
     state.load()
     assert state.as_dict() == {"draining": False, "since": None, "by": None, "reason": None}
     assert state.refusal() is None
-    for bad in ("{not json", '{"draining": true, "by": 3}', "[]", '{"draining": "yes"}'):
+    hand_edited = [
+        {"draining": True, "since": 1e308, "by": "ops"},  # not a time
+        {"draining": True, "since": time.time() + 86400, "by": "ops"},  # a day ahead
+        {"draining": True, "since": 1.0, "by": "x\u001b[31mred"},  # a terminal escape
+        {"draining": True, "since": 1.0, "by": "ops", "reason": "line1\nline2"},
+        {"draining": True, "since": 1.0, "by": "o" * 257},
+        {"draining": True, "since": 1.0, "by": "ops", "reason": "r" * 501},
+    ]
+    for bad in (
+        "{not json",
+        '{"draining": true, "by": 3}',
+        "[]",
+        '{"draining": "yes"}',
+        *(json.dumps(d) for d in hand_edited),
+    ):
         path.write_text(bad)
         state = DrainState(path)
         state.load()
         assert state.draining, bad  # fails closed: a damaged file never undrains a host
         assert "damaged" in (state.reason or "") and state.refusal().startswith("host draining")
+    assert state.undrain() is True and not path.exists()
+    path.mkdir()  # not even a file: damaged too, and undrain still ends it
+    state = DrainState(path)
+    state.load()
+    assert state.draining and "damaged" in (state.reason or "")
     assert state.undrain() is True and not path.exists()
     state.drain("ops", None)
     reread = DrainState(path)
@@ -312,11 +332,17 @@ async def test_the_control_protocol_refuses_what_it_does_not_know(
             b'{"op": "stop", "batch_id": "b", "grace_s": NaN}\n': "stop: grace_s: Input should be",
             b'{"op": "stop", "batch_id": "b", "grace_s": 3601}\n': "stop: grace_s: Input should",
             b"x" * (control.MAX_REQUEST + 10) + b"\n": "request too long",
+            b'{"op": ' + b"[" * 3000 + b"\n": "request is not valid JSON: nested too deeply",
         }
         for request, error in cases.items():
             answer = await _ask(path, request)
             assert answer["ok"] is False and answer["error"].startswith(error), (request, answer)
         assert not running.agent.drain.draining
+        # A reason of MAX_REASON characters fits in a request, whatever its characters.
+        emoji = "\N{SLIGHTLY SMILING FACE}" * 500
+        drained = await asyncio.to_thread(control.request_drain, path, emoji)
+        assert drained["ok"] and running.agent.drain.reason == emoji
+        await asyncio.to_thread(control.request_undrain, path)
         # A client that never sends its line is dropped after the read timeout, unanswered.
         monkeypatch.setattr(control, "READ_TIMEOUT_S", 0.2)
         assert await asyncio.to_thread(_exchange, path, b"", 5.0) == b""
@@ -420,7 +446,8 @@ async def test_another_user_is_refused_and_audited(
         settings.agent.state_dir.chmod(0o711)
         path.chmod(0o666)
         monkeypatch.setattr(control, "READ_TIMEOUT_S", 0.3)
-        for line in (b'{"op": "drain", "reason": "mine now"}\n', b"status\n", b""):
+        nested = b'{"op": ' + b"[" * 3000 + b"\n"
+        for line in (b'{"op": "drain", "reason": "mine now"}\n', b"status\n", b"", nested):
             answer = json.loads(await asyncio.to_thread(ask_as, line))
             assert answer == {
                 "ok": False,
@@ -436,4 +463,5 @@ async def test_another_user_is_refused_and_audited(
         (other_user.pw_name, other_user.pw_uid, "drain"),
         (other_user.pw_name, other_user.pw_uid, "status"),
         (other_user.pw_name, other_user.pw_uid, None),  # it asked nothing: refused all the same
+        (other_user.pw_name, other_user.pw_uid, '{"op":'),  # unreadable: its first word
     ]

@@ -73,6 +73,24 @@ def test_every_runtime_key_is_a_config_key() -> None:
     assert "server" not in RUNTIME  # a new server, token or transport needs a restart
 
 
+def test_operations_doc_names_every_key_a_reload_does_not_apply() -> None:
+    """docs/operations.md's reload section must name each key that needs a restart (a key
+    added to the config later fails here until the doc says so)."""
+    text = (Path(__file__).parents[1] / "docs" / "operations.md").read_text()
+    start = text.index("keeps the running value of everything else")
+    section = text[start : text.index("`systemctl restart argus-agent` then", start)]
+    missing = [
+        f"{name}.{key}"
+        for name, part in Settings.model_fields.items()
+        if name != "server"  # "every `server.*` key"
+        for key in part.annotation.model_fields  # type: ignore[union-attr]
+        if key not in RUNTIME.get(name, frozenset())
+        and f"`{name}.{key}`" not in section
+        and f"`.{key}`" not in section
+    ]
+    assert missing == [], f"docs/operations.md does not say these need a restart: {missing}"
+
+
 def test_server_url_unset_means_the_registered_one() -> None:
     running = _settings(server={"url": "https://argus.example.com"})
     unset = Settings.model_validate({"agent": {"state_dir": "/tmp/x"}})

@@ -4,15 +4,19 @@ A part of the job table (``supervisor.JobManager`` inherits it), in a module of 
 when a job's shim was killed while the job runs, the agent takes the job over. An output
 keeper carries the output into the log (``takeover.OutputKeeper``); a stop (one under way
 when the shim died, one asked for later, and the stop of what the job left behind when it
-ended) is the agent's own: through the job's cgroup when it has one (``cgroups.terminate``:
-nothing that ran in it survives), else through /proc (``proctree``); and the end is
-recorded in ``exit.json`` as the shim would have, with the exit status when the job was
-re-parented to the agent (a child subreaper), the OOM kills and memory peak of its cgroup.
+ended) is the agent's own: through /proc (``proctree``: the job's main process, group,
+tree and environment) and, when the job has a cgroup, through it too (``cgroups.terminate``:
+nothing that ran in it survives, and what moved itself out of it is still found through
+/proc); and the end is recorded in ``exit.json`` as the shim would have, with the exit
+status when the job was re-parented to the agent (a child subreaper), the OOM kills and
+memory peak of its cgroup. A job is recorded as ended only once its main process (pid and
+start time) is gone, or a stop gave up on it as a process that would not die.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from argus_agent.config import JobSettings
 from argus_agent.jobs import cgroupfs, proctree, reaper
-from argus_agent.jobs.cgroups import terminate
+from argus_agent.jobs.cgroups import in_another_jobs_cgroup, terminate, v2_mount
 from argus_agent.jobs.store import JobRecord, JobStore
 from argus_agent.jobs.takeover import OutputKeeper, OutputPipes
 from argus_agent.logsetup import get_logger
@@ -36,6 +40,8 @@ SHIM_KILLED = "exit status unknown: supervisor was killed"
 TAKEOVER_DRAIN_S = 1.0
 #: Grace between SIGTERM and SIGKILL for what a taken-over job left behind.
 LEFTOVER_GRACE_S = 5.0
+#: How often the agent's own stop looks for what is left of a job (a pass over /proc).
+FALLBACK_POLL_S = 0.1
 
 
 @dataclass
@@ -48,6 +54,8 @@ class Job:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     #: The agent's own read ends of the job's output pipes (see ``takeover``).
     pipes: OutputPipes | None = None
+    #: Whether a fallback stop ended while the job's main process ran on (logged once).
+    missed_stop: bool = False
 
 
 class _NotOf:
@@ -96,32 +104,92 @@ class CarryOn:
         log.warning(
             "job supervisor is gone; the agent stops the job itself", batch_id=record.batch_id
         )
+        self._start_fallback(job, self._grace_left(record), record.pid)
+
+    def _grace_left(self, record: JobRecord) -> float:
+        """What is left of the job's grace period, from when its stop was asked for."""
         grace = self.settings.stop_grace_s if record.stop_grace_s is None else record.stop_grace_s
         asked = record.stop_requested_at or time.time()
-        self._start_fallback(job, max(0.0, asked + grace - time.time()), record.pid)
+        return max(0.0, asked + grace - time.time())
 
     def _start_fallback(self, job: Job, grace_s: float, root: int | None) -> None:
-        """Start the job's fallback stop task: through its cgroup when it has one (nothing
-        that ran in it survives), else through /proc (``proctree``: ``root`` and its tree,
-        the job's group, its environment, orphans re-parented to the agent)."""
+        """Start the job's fallback stop task: through /proc (``proctree``: ``root`` and its
+        tree, the job's group, its environment, orphans re-parented to the agent) and, when
+        the job has a cgroup, through it as well (nothing that ran in it survives; a process
+        that moved itself out of it is still found through /proc)."""
         record = job.record
+        ticks = record.start_ticks if root is not None else None
+        group = record.pgid or record.pid
         if _has_cgroup(record):
             assert record.cgroup is not None
+            found = functools.partial(self._processes_outside_cgroups, job, root, ticks, group)
             job.fallback_stop = asyncio.create_task(
-                terminate(record.cgroup, grace_s, unkillable_wait_s=self.settings.unkillable_wait_s)
+                terminate(
+                    record.cgroup,
+                    grace_s,
+                    unkillable_wait_s=self.settings.unkillable_wait_s,
+                    poll_s=FALLBACK_POLL_S,
+                    others=found,
+                )
             )
             return
         job.fallback_stop = asyncio.create_task(
             proctree.terminate_processes(
                 root,
-                record.start_ticks if root is not None else None,
-                record.pgid or record.pid,
+                ticks,
+                group,
                 record.batch_id,
                 grace_s,
+                poll_s=FALLBACK_POLL_S,
                 unkillable_wait_s=self.settings.unkillable_wait_s,
                 exclude=_NotOf(self, job),
             )
         )
+
+    def _processes_outside_cgroups(
+        self, job: Job, root: int | None, ticks: int | None, group: int | None
+    ) -> dict[int, int]:
+        """The processes of a job with a cgroup that /proc finds (``proctree``), less those
+        in another job's cgroup: an orphan of another job re-parented to the agent may look
+        like this job's, but its cgroup says whose it is. Blocking (a thread's)."""
+        record = job.record
+        assert record.cgroup is not None
+        found = proctree.job_processes(
+            root, ticks, group, record.batch_id, exclude=_NotOf(self, job)
+        )
+        mount = v2_mount() if found else None
+        mine = record.cgroup[cgroupfs.V2]
+        return {
+            pid: started
+            for pid, started in found.items()
+            if not in_another_jobs_cgroup(pid, mine, mount)
+        }
+
+    def _stop_gave_up(self, job: Job) -> bool:
+        """Whether the job's fallback stop ended, giving up on its main process (still
+        running: the caller checked) as one that would not die. A stop that ended having
+        missed it (neither stopped nor named) is started again, with what is left of the
+        grace period: a job is never recorded as ended while its main process runs, unless
+        a stop gave up on it."""
+        record = job.record
+        stop = job.fallback_stop
+        if stop is None or not stop.done():
+            return False
+        if (
+            stop.cancelled()
+            or stop.exception() is not None
+            or record.pid in stop.result().survivors
+        ):
+            return True
+        if not job.missed_stop:
+            job.missed_stop = True
+            log.error(
+                "the job's stop ended while its main process still runs; stopping it again",
+                batch_id=record.batch_id,
+                pid=record.pid,
+            )
+        self._start_fallback(job, self._grace_left(record), record.pid)
+        return False
 
     async def _take_over(self, job: Job) -> None:
         """Carry on a job whose shim was killed: its output, its stop, its end. Returns once
@@ -164,7 +232,7 @@ class CarryOn:
             status = reaper.reap(record.pid)
             if status is not None or not proctree.is_same_process(record.pid, record.start_ticks):
                 break
-            if job.fallback_stop is not None and job.fallback_stop.done():
+            if self._stop_gave_up(job):
                 break  # a stop gave up on what would not die: the job is recorded as ended
             self.reap_orphans()
             if not keeper.alive():

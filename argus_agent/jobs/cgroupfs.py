@@ -30,6 +30,8 @@ FREEZE_WAIT_S = 1.0
 V1_UNLIMITED = 1 << 62
 GIB = 1 << 30
 MIB = 1 << 20
+#: How a job's end reason starts when the kernel's OOM killer ended it.
+OOM_KILLED = "killed by the kernel OOM killer"
 
 
 def read_text(path: str) -> str | None:
@@ -268,4 +270,4 @@ def oom_reason(facts: dict[str, int | None]) -> str | None:
         detail = f" (memory peak {human_bytes(peak)})"
     else:
         detail = ""
-    return f"killed by the kernel OOM killer{detail}"
+    return f"{OOM_KILLED}{detail}"

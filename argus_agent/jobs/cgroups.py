@@ -30,12 +30,13 @@ import os
 import re
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from argus_agent.config import JobSettings
 from argus_agent.jobs import cgroupfs
 from argus_agent.jobs.cgroupfs import V2
-from argus_agent.jobs.proctree import StopResult
+from argus_agent.jobs.proctree import StopResult, signal_all
 from argus_agent.logsetup import get_logger
 
 log = get_logger(__name__)
@@ -47,17 +48,24 @@ AGENT_LEAF = "agent"
 JOBS_DIR = "jobs"
 CPU_PERIOD_US = 100_000
 _SAFE = re.compile(r"[^A-Za-z0-9_-]")
+#: How the name of an id that could not be used as it is ends: ``__`` and 12 hex digits.
+_HASHED = re.compile(r"__[0-9a-f]{12}")
 
 
 def cgroup_name(batch_id: str) -> str:
     """A batch id as a cgroup directory name: letters, digits, ``_`` and ``-`` only (no
-    ``.``, so it never collides with a cgroup's interface files), at most 100 characters;
-    an id that had to be changed gets a short hash, so two ids never share a name."""
+    ``.``, so it never collides with a cgroup's interface files), at most 100 characters.
+
+    An id that is such a name already is used as it is, unless it ends the way the other
+    names end: every other id (empty, too long, with other characters, or ending in ``__``
+    and 12 hex digits) gets ``<its safe part>__<12 hex digits of its SHA-256>``. An id used
+    as it is therefore never equals another id's name, and two hashed names differ unless
+    SHA-256 collides: two ids never share a name."""
     safe = _SAFE.sub("_", batch_id)[:80]
-    if safe == batch_id and safe:
+    if safe == batch_id and safe and not _HASHED.fullmatch(safe[-14:]):
         return safe
     digest = hashlib.sha256(batch_id.encode()).hexdigest()[:12]
-    return f"{safe or 'batch'}-{digest}"
+    return f"{safe or 'batch'}__{digest}"
 
 
 def _unescape(field: str) -> str:
@@ -91,6 +99,36 @@ def own_cgroups(path: str = "/proc/self/cgroup") -> dict[str, str]:
                 for name in names.split(","):
                     found[name] = where
     return found
+
+
+def _v2_mount(found: list[tuple[str, str, str, str]]) -> tuple[str, str] | None:
+    """(mount point, mount root) of the cgroup v2 hierarchy among ``found`` mounts: on a
+    pure v2 host at /sys/fs/cgroup, on a hybrid one at .../unified."""
+    v2 = [m for m in found if m[0] == "cgroup2"]
+    v2.sort(key=lambda m: (m[1] != "/sys/fs/cgroup", m[1] != "/sys/fs/cgroup/unified"))
+    return (v2[0][1], v2[0][2]) if v2 else None
+
+
+def v2_mount() -> tuple[str, str] | None:
+    """(mount point, mount root) of this host's cgroup v2 hierarchy, or None."""
+    return _v2_mount(mounts())
+
+
+def cgroup_of(pid: int, mount: tuple[str, str]) -> str | None:
+    """The absolute v2 cgroup directory of ``pid`` (``mount`` from :func:`v2_mount`), or
+    None (gone, or no v2 membership)."""
+    relative = own_cgroups(f"/proc/{pid}/cgroup").get("")
+    return None if relative is None else _join(mount[0], mount[1], relative)
+
+
+def in_another_jobs_cgroup(pid: int, job_cgroup: str, mount: tuple[str, str] | None) -> bool:
+    """Whether ``pid`` is in the cgroup of a job other than the one of ``job_cgroup`` (a
+    sibling of it in the jobs directory, or below one): that job's process, whatever
+    else it looks like."""
+    where = cgroup_of(pid, mount) if mount is not None else None
+    if where is None or where == job_cgroup or where.startswith(job_cgroup + "/"):
+        return False
+    return where.startswith(os.path.dirname(job_cgroup) + "/")
 
 
 def _join(mount: str, mount_root: str, relative: str) -> str:
@@ -176,12 +214,10 @@ class Cgroups:
         if settings.cgroups == "off":
             return "turned off (jobs.cgroups = off)"
         found = mounts()
-        v2 = [m for m in found if m[0] == "cgroup2"]
-        if not v2:
+        v2 = _v2_mount(found)
+        if v2 is None:
             return "no cgroup v2 hierarchy is mounted (a cgroup v1-only host)"
-        # A pure v2 host mounts it at /sys/fs/cgroup, a hybrid one at .../unified.
-        v2.sort(key=lambda m: (m[1] != "/sys/fs/cgroup", m[1] != "/sys/fs/cgroup/unified"))
-        _, mount, mount_root, _ = v2[0]
+        mount, mount_root = v2
         own = own_cgroups()
         if "" not in own:
             return "this process has no cgroup v2 membership (/proc/self/cgroup has no 0:: line)"
@@ -354,18 +390,24 @@ class Cgroups:
 
     def create_job(self, batch_id: str) -> dict[str, str] | None:
         """Make the job's cgroups and apply the limits; returns their paths (None when jobs
-        get no cgroups). Raises OSError (what was made is removed again)."""
+        get no cgroups). A directory that exists already (left by an earlier job whose
+        cgroup could not be removed, or by an interrupted launch) is made again when nothing
+        runs in it, so the job's counters start at zero. Raises :class:`CgroupInUse` when
+        processes run in one (the job must not share it, nor run without it), OSError
+        otherwise (what was made is removed again)."""
         if self.root is None:
             return None
         name = cgroup_name(batch_id)
         paths = {V2: os.path.join(self.root, JOBS_DIR, name)}
         paths.update({c: os.path.join(base, name) for c, base in self.v1.items()})
+        made: dict[str, str] = {}
         try:
-            for path in paths.values():
-                os.mkdir(path)
+            for key, path in paths.items():
+                _make_afresh(path)
+                made[key] = path
             self._apply_limits(paths)
-        except OSError:
-            cgroupfs.remove(paths)
+        except (OSError, CgroupInUse):
+            cgroupfs.remove(made)
             raise
         return paths
 
@@ -393,6 +435,38 @@ class Cgroups:
                 cgroupfs.write(os.path.join(paths["cpu"], "cpu.cfs_quota_us"), str(quota))
 
 
+class CgroupInUse(Exception):
+    """A job's cgroup directory exists already and cannot be made afresh: processes run in
+    it. Not an OSError: the launch fails (a job never runs without the cgroup it was
+    meant to have, nor in another's)."""
+
+    def __init__(self, path: str, pids: list[int]) -> None:
+        held = "it cannot be removed"
+        if pids:
+            held = f"process(es) {', '.join(map(str, sorted(pids)))} run in it"
+        super().__init__(
+            f"the job's cgroup {path} exists already and {held} (left by an earlier job of "
+            "the same batch?); the job was not started"
+        )
+        self.path = path
+        self.pids = pids
+
+
+def _make_afresh(path: str) -> None:
+    """``mkdir`` a job's cgroup; an existing one is removed first when nothing runs in it
+    (its counters would be an earlier job's). Raises CgroupInUse or OSError."""
+    try:
+        os.mkdir(path)
+        return
+    except FileExistsError:
+        pass
+    pids = cgroupfs.procs_recursive(path)
+    if pids or cgroupfs.remove({"leftover": path}):
+        raise CgroupInUse(path, pids)
+    log.warning("an empty cgroup was left where a job's goes; made afresh", path=path)
+    os.mkdir(path)
+
+
 def remove_job(batch_id: str, paths: dict[str, str] | None) -> bool:
     """Remove an ended job's cgroups; whether they are gone (a process that would not die
     keeps them: they are tried again at the next prune or start). Logged when not."""
@@ -410,28 +484,57 @@ async def terminate(
     *,
     unkillable_wait_s: float,
     poll_s: float = 0.05,
+    others: Callable[[], dict[int, int]] | None = None,
 ) -> StopResult:
     """The agent's own stop of a job with cgroups whose shim is gone: SIGTERM to every
     member, up to ``grace_s`` for them to go, then kill the cgroup, and up to
     ``unkillable_wait_s`` for it to empty. Nothing that ran in the cgroup survives, however
-    it left the job's process tree. Blocks its coroutine; the file operations are small."""
+    it left the job's process tree.
+
+    A process of the job may also have left the cgroup itself (root may write any
+    ``cgroup.procs``): ``others`` finds the job's processes through /proc (pid → start
+    ticks: ``proctree.job_processes``, its main process, group, tree and environment, called
+    in a thread), and those outside the cgroup get the same signals, each through a pidfd
+    checked against its start time. The stop ends when neither way finds anything; what is
+    left then is in ``survivors``. Blocks its coroutine; the file operations are small."""
     v2 = paths[V2]
     result = StopResult()
-    if not cgroupfs.procs_recursive(v2):
+
+    async def left() -> tuple[list[int], dict[int, int]]:
+        """The cgroup's members, and the job's processes /proc finds outside it."""
+        found = await asyncio.to_thread(others) if others is not None else {}
+        members = cgroupfs.procs_recursive(v2)
+        inside = set(members)
+        return members, {pid: ticks for pid, ticks in found.items() if pid not in inside}
+
+    members, strays = await left()
+    if not members and not strays:
         return result
-    result.signalled = cgroupfs.signal_members(v2, signal.SIGTERM)
+    termed = set(strays.items())
+    result.signalled = cgroupfs.signal_members(v2, signal.SIGTERM) + signal_all(
+        strays, signal.SIGTERM
+    )
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and cgroupfs.procs_recursive(v2):
+    while time.monotonic() < deadline:
         await asyncio.sleep(poll_s)
-    left = cgroupfs.procs_recursive(v2)
-    if not left:
-        return result
-    result.killed = len(left)
+        members, strays = await left()
+        if not members and not strays:
+            return result
+        # Late arrivals outside the cgroup get the same warning (the cgroup's own were
+        # signalled as its members; the kill reaches every one of them).
+        late = {pid: ticks for pid, ticks in strays.items() if (pid, ticks) not in termed}
+        termed.update(late.items())
+        signal_all(late, signal.SIGTERM)
+    killed = set(members) | set(strays)
     give_up = time.monotonic() + unkillable_wait_s
-    while left and time.monotonic() < give_up:
-        with contextlib.suppress(OSError):
-            cgroupfs.kill(v2)
+    while (members or strays) and time.monotonic() < give_up:
+        if members:
+            with contextlib.suppress(OSError):
+                cgroupfs.kill(v2)
+        signal_all(strays, signal.SIGKILL)
         await asyncio.sleep(poll_s)
-        left = cgroupfs.procs_recursive(v2)
-    result.survivors = sorted(left)
+        members, strays = await left()
+        killed.update(members, strays)
+    result.killed = len(killed)
+    result.survivors = sorted(set(members) | set(strays))
     return result

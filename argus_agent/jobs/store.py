@@ -72,6 +72,8 @@ STARTED_FIELDS = (
 )
 #: The shim reads the grace period from ``stop.json`` under ``STOP_GRACE_KEY``: one name.
 STOP_FIELDS = ("stop_requested_by", "stop_requested_at", STOP_GRACE_KEY)
+#: A POSIX shell whose child was killed by signal N exits 128 + N.
+SHELL_EXIT_SIGNAL = 128
 EXIT_FIELDS = (
     "exit_code",
     "exit_signal",
@@ -165,13 +167,32 @@ class JobRecord:
             }
         )
 
+    @property
+    def oom_killed(self) -> bool:
+        """Whether the kernel's OOM killer ended the job: its cgroup saw OOM kills, no stop
+        was asked for, and the main process died of SIGKILL, or exited 128 + 9 (a shell
+        that ran the killed command as its child, without exec, exits so)."""
+        return (
+            bool(self.oom_kills)
+            and not self.stop_requested_at
+            and (
+                self.exit_signal == signal.SIGKILL
+                or (
+                    self.exit_signal is None
+                    and self.exit_code == SHELL_EXIT_SIGNAL + signal.SIGKILL
+                )
+            )
+        )
+
     def describe_exit(self) -> str:
         """A short human description of how the job ended ('running' while it runs)."""
         if self.ended_at is None:
             return self.state
         oom = self.oom_reason
-        if oom is not None and self.exit_signal == signal.SIGKILL and not self.stop_requested_at:
-            text = oom  # the job's main process itself was the OOM killer's victim
+        if oom is not None and self.oom_killed:
+            text = oom  # the OOM killer ended the job (its main process, or the shell's child)
+            if self.exit_signal is None:
+                text += f"; exit code {self.exit_code}"
             if self.exit_note:
                 text += f"; {self.exit_note}"
             return text

@@ -20,8 +20,8 @@ Where the agent may write a cgroup subtree (``cgroups``), each job gets cgroups 
 made before its launch and recorded in its ``job.json``, so a restarted agent keeps using
 them: the shim places the job in them, stops end with the cgroup killed, the OOM killer's
 kills are read from them, and the agent's own stop of a job whose shim is gone kills the
-cgroup instead of hunting processes through /proc. They are removed once the job's end was
-reported.
+cgroup besides hunting processes through /proc (a process may move itself out of it). They
+are removed once the job's end was reported.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from argus_agent.config import JobSettings
 from argus_agent.errors import JobError, LaunchError
 from argus_agent.jobs import cgroupfs, proctree, reaper
 from argus_agent.jobs.carryon import ADOPTED_POLL_S, SHIM_PATH, CarryOn, Job
-from argus_agent.jobs.cgroups import Cgroups, remove_job
+from argus_agent.jobs.cgroups import CgroupInUse, Cgroups, remove_job
 from argus_agent.jobs.procfs import signal_process
 from argus_agent.jobs.spec import LaunchSpec
 from argus_agent.jobs.store import JobRecord, JobRecordError, JobStore
@@ -180,6 +180,9 @@ class JobManager(CarryOn):
             raise JobError(f"a job for batch {spec.batch_id} already exists on this host")
         try:
             cgroup = self.cgroups.create_job(spec.batch_id)
+        except CgroupInUse as exc:
+            log.error("cannot give the job its cgroup", batch_id=spec.batch_id, error=str(exc))
+            raise LaunchError(str(exc)) from None
         except OSError as exc:
             cgroup = None
             log.warning(

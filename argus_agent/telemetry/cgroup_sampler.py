@@ -10,7 +10,10 @@ The kernel keeps each job's books in its cgroup, so a tick reads, per job, with 
   attribution). ``cgroup.procs`` is the one read whose cost grows with the job, so it is
   read when the task count changed since the previous tick and otherwise every
   ``PROCS_REFRESH_S``: a process that replaced another within one tick, with the same
-  number of threads, shows in the pids (GPU attribution) up to 5 s late;
+  number of threads, shows in the pids (GPU attribution) up to 5 s late. A job (run as
+  root) may make cgroups below its own and move processes there: ``cgroup.stat`` says
+  when it has (``nr_descendants``), and then the ``cgroup.procs`` (and ``cgroup.threads``)
+  of every cgroup below are read as well;
 - ``cpu.stat`` (``usage_usec``: CPU time of every process that ever ran in the job,
   including ones that ended between two ticks);
 - memory: ``memory.stat`` and ``memory.peak`` of the v2 cgroup where the memory controller
@@ -35,7 +38,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 
-from argus_agent.jobs.cgroupfs import V2, parse_pids
+from argus_agent.jobs.cgroupfs import V2, parse_pids, procs_recursive
 from argus_agent.jobs.procfs import RSS_PAGES, stat_fields
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -113,6 +116,15 @@ def _io_bytes(data: bytes, v2: bool) -> tuple[int, int]:
     return read, written
 
 
+def _threads_below(path: str) -> int:
+    """The number of threads in the cgroup ``path`` and every cgroup below it."""
+    count = 0
+    for root, _dirs, _files in os.walk(path):
+        with contextlib.suppress(OSError), open(os.path.join(root, "cgroup.threads"), "rb") as f:
+            count += f.read().count(b"\n")
+    return count
+
+
 class _Job:
     """A job's kept-open cgroup files and the counters of its previous reading."""
 
@@ -123,16 +135,19 @@ class _Job:
         "io_fd",
         "io_v2",
         "mem_v2",
+        "nested",
+        "nested_fd",
         "peak_fd",
         "procs",
         "procs_at",
         "stat_fd",
         "tasks",
         "tasks_fd",
+        "v2",
     )
 
     def __init__(self, paths: dict[str, str]) -> None:
-        v2 = paths[V2]
+        v2 = self.v2 = paths[V2]
         procs = os.open(os.path.join(v2, "cgroup.procs"), os.O_RDONLY | os.O_CLOEXEC)
         if os.path.exists(os.path.join(v2, "pids.current")):
             self.tasks_fd = _open(os.path.join(v2, "pids.current"))
@@ -142,6 +157,9 @@ class _Job:
             self.tasks_fd = -1
         threads = -1 if self.tasks_fd >= 0 else _open(os.path.join(v2, "cgroup.threads"))
         self.fds = [procs, threads, _open(os.path.join(v2, "cpu.stat"))]
+        #: ``cgroup.stat`` (its ``nr_descendants``: whether the job made cgroups below).
+        self.nested_fd = _open(os.path.join(v2, "cgroup.stat"))
+        self.nested = False
         self.mem_v2 = os.path.exists(os.path.join(v2, "memory.stat"))
         if self.mem_v2:
             self.stat_fd = _open(os.path.join(v2, "memory.stat"))
@@ -162,13 +180,15 @@ class _Job:
             self.io_fd = -1
         self.cpu_usec: int | None = None
         self.io: tuple[int, int] | None = None
-        #: The last ``cgroup.procs`` content and its pids (unchanged content: not parsed).
-        self.procs: tuple[bytes, set[int]] = (b"", set())
+        #: The last ``cgroup.procs`` content and its pids (unchanged content: not parsed;
+        #: None: the pids were listed from the cgroups below too).
+        self.procs: tuple[bytes | None, set[int]] = (b"", set())
         self.procs_at = float("-inf")  # when cgroup.procs was last read
         self.tasks = -1  # the task count then
 
     def close(self) -> None:
-        for fd in (*self.fds, self.stat_fd, self.peak_fd, self.io_fd, self.tasks_fd):
+        fds = (*self.fds, self.nested_fd, self.stat_fd, self.peak_fd, self.io_fd, self.tasks_fd)
+        for fd in fds:
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -237,13 +257,24 @@ class CgroupSampler:
         procs_fd, threads_fd, cpu_fd = job.fds
         threads = int(os.pread(job.tasks_fd, 64, 0)) if job.tasks_fd >= 0 else -1
         if threads != job.tasks or threads < 0 or now - job.procs_at >= PROCS_REFRESH_S:
-            data = _pread_all(procs_fd)
-            if data != job.procs[0]:
-                job.procs = (data, set(parse_pids(data)))
+            job.nested = (
+                _stat_value(_pread_all(job.nested_fd), b"nr_descendants") > 0
+                if job.nested_fd >= 0
+                else True  # no cgroup.stat (before Linux 4.14): always look below
+            )
+            if job.nested:
+                job.procs = (None, set(procs_recursive(job.v2)))
+            else:
+                data = _pread_all(procs_fd)
+                if data != job.procs[0]:
+                    job.procs = (data, set(parse_pids(data)))
             job.tasks, job.procs_at = threads, now
         pids = job.procs[1]
         if threads < 0:
-            threads = _pread_all(threads_fd).count(b"\n") if threads_fd >= 0 else len(pids)
+            if job.nested:
+                threads = _threads_below(job.v2)
+            else:
+                threads = _pread_all(threads_fd).count(b"\n") if threads_fd >= 0 else len(pids)
         cpu_pct = None
         if cpu_fd >= 0:
             usec = int(os.pread(cpu_fd, 4096, 0).split(None, 2)[1])  # usage_usec comes first

@@ -310,19 +310,24 @@ def _dispatch(command: str, args: argparse.Namespace) -> int:
     if command == "status":
         return _cmd_status(settings, as_json=args.json)
     if command in ("jobs", "logs"):
+        from argus_agent.jobs.slurm_store import SLURM_DIR, SlurmStore
         from argus_agent.jobs.store import JobStore
 
         jobs_dir = settings.agent.state_dir / "jobs"
+        slurm_dir = settings.agent.state_dir / SLURM_DIR  # jobs.launcher = "slurm"
         views.state_dir_readable(settings.agent.state_dir)
-        if not jobs_dir.is_dir():
+        stores: list[JobStore | SlurmStore] = [JobStore(jobs_dir)] if jobs_dir.is_dir() else []
+        stores += [SlurmStore(slurm_dir)] if slurm_dir.is_dir() else []
+        if not stores:
             if command == "jobs":  # the agent has not launched a job yet: an empty table
                 print(views.format_jobs([]))
                 return 0
             raise StateError(f"{jobs_dir}: no jobs recorded on this host yet")
-        store = JobStore(jobs_dir)
         if command == "jobs":
-            print(views.format_jobs(store.load_all()))
+            print(views.format_jobs([r for store in stores for r in store.load_all()]))
         else:
+            where = [s for s in stores if (s.job_dir(args.batch_id) / "job.json").exists()]
+            store = where[0] if where else stores[0]
             views.print_log(store, args.batch_id, tail=args.tail, follow=args.follow)
         return 0
     return _cmd_run(settings, lambda: _settings(args))

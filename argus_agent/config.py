@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from argus_agent import configerrors, configsources
+from argus_agent import configerrors, configsources, slurmconfig
 from argus_agent.configsources import SECRET_KEYS
 from argus_agent.errors import ConfigError
 
@@ -137,7 +137,7 @@ class ServerSettings(_Section):
         if (
             parts.scheme == "http"
             and not self.allow_insecure_http
-            and not _is_loopback(parts.hostname or "")
+            and not is_loopback(parts.hostname or "")
         ):
             raise ValueError(
                 "url: plain http:// to a non-loopback host sends tokens in clear text;"
@@ -418,6 +418,23 @@ class JobSettings(_Section):
         examples=[4096],
         description="Most tasks (processes and threads) in each job's cgroup. Unset: no limit.",
     )
+    # The launcher and the Slurm keys: descriptions and checks in slurmconfig.py.
+    launcher: slurmconfig.Launcher = slurmconfig.LAUNCHER
+    slurm_pin_node: bool = slurmconfig.SLURM_PIN_NODE
+    slurm_partition: str | None = slurmconfig.SLURM_PARTITION
+    slurm_time_limit: str | None = slurmconfig.SLURM_TIME_LIMIT
+    slurm_extra_args: list[str] = slurmconfig.SLURM_EXTRA_ARGS
+    slurm_output_dir: Path | None = slurmconfig.SLURM_OUTPUT_DIR
+    slurm_poll_s: float = slurmconfig.SLURM_POLL_S
+    slurm_usage_interval_s: float = slurmconfig.SLURM_USAGE_INTERVAL_S
+    slurm_command_timeout_s: float = slurmconfig.SLURM_COMMAND_TIMEOUT_S
+    slurm_hosts: list[str] = slurmconfig.SLURM_HOSTS
+    slurm_partitions: list[str] = slurmconfig.SLURM_PARTITIONS
+
+    @model_validator(mode="after")
+    def _slurm(self) -> JobSettings:
+        slurmconfig.check(self)
+        return self
 
     @field_validator("memory_max", mode="before")
     @classmethod
@@ -571,17 +588,10 @@ SECTIONS: dict[str, type[_Section]] = {
 }
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
+def is_loopback(host: str) -> bool:
+    """Whether *host* names only this machine: ``localhost`` or a loopback address. Any other
+    name, and the wildcard addresses (``0.0.0.0``, ``::``), are not."""
+    if host.strip("[]").lower() == "localhost":
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback

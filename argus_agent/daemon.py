@@ -25,8 +25,9 @@ Tasks and threads, and who owns them::
     │                  open, else POST /api/events/batch
     ├── telemetry      Telemetry.run: sampler, log tailer, drop notices (one task each)
     ├── housekeeping   watchdog (only while ``health`` is good), STATUS=, reaping, pruning
-    ├── job watchers   JobManager: one per job (shim exit, takeover of a job whose shim died)
-    ├── job reports    JobManager: each job's end handed to telemetry
+    ├── job watchers   JobManager: one per job (shim exit, takeover of a job whose shim died);
+    │                  jobs.launcher = "slurm": SlurmJobs' queue watcher and grace timers
+    ├── job reports    JobManager / SlurmJobs: each job's end handed to telemetry
     └── control socket ControlServer: `argus-agent status` answers, and the operator's
                        drain, undrain and stop (actions.py)
     threads
@@ -70,8 +71,8 @@ from argus_agent.fsutil import ensure_private_dir
 from argus_agent.health import Health
 from argus_agent.instance import LOCK_NAME, InstanceLock
 from argus_agent.jobs import reaper
-from argus_agent.jobs.store import JobStore
-from argus_agent.jobs.supervisor import JobManager
+from argus_agent.jobs.launcher import Launcher, make_launcher
+from argus_agent.jobs.slurm import SlurmJobs
 from argus_agent.ledger import CommandLedger
 from argus_agent.logsetup import get_logger
 from argus_agent.outbox import Outbox
@@ -83,6 +84,7 @@ from argus_agent.status import AgentState
 from argus_agent.systemd import Notifier, watchdog_interval_s
 from argus_agent.telemetry.gpu import GpuBackend, GpuReader, open_backend_async
 from argus_agent.telemetry.manager import Telemetry
+from argus_agent.telemetry.slurm_usage import report_usage
 
 log = get_logger(__name__)
 
@@ -147,7 +149,7 @@ class Agent:
         self.telemetry: Telemetry | None = None
         self.sender: EventSender | None = None
         self.ledger: CommandLedger | None = None
-        self.jobs: JobManager | None = None
+        self.jobs: Launcher | None = None
         self.state: AgentState | None = None
         self.dispatcher: Dispatcher | None = None
         #: The command channel (``server.transport``: PollChannel or AutoChannel).
@@ -212,7 +214,7 @@ class Agent:
         stack.push_async_callback(self.outbox.close)
         client = ArgusClient(settings.server.url, timeout_s=settings.server.timeout_s)
         stack.push_async_callback(client.aclose)
-        self.jobs = JobManager(JobStore(state_dir / "jobs"), settings.jobs)
+        self.jobs = make_launcher(settings.jobs, state_dir)  # local shims, or Slurm
         gpu = GpuReader(
             self._gpu_backend
             or await open_backend_async(
@@ -227,6 +229,9 @@ class Agent:
         )
         self.telemetry.health = self.health
         self.jobs.on_ended = self.telemetry.job_ended
+        if isinstance(self.jobs, SlurmJobs):  # sstat readings become resource snapshots
+            self.jobs.on_usage = functools.partial(report_usage, self.telemetry)
+            self.jobs.health = self.health
         await self.telemetry.start()
         self.sender = EventSender(
             self.outbox,
@@ -418,7 +423,7 @@ class Agent:
         return build_snapshot(self)
 
 
-def _one_line_status(state: AgentState, jobs: JobManager | None) -> str:
+def _one_line_status(state: AgentState, jobs: Launcher | None) -> str:
     running = len(jobs.running()) if jobs else 0
     return f"{state.channel.state}; {running} job(s) running"
 

@@ -68,6 +68,7 @@ from argus_agent.errors import (
     PayloadError,
     ServerError,
 )
+from argus_agent.jobs.launcher import Launcher
 from argus_agent.jobs.policy import BatchOwner, UserDb, owner_from_env
 from argus_agent.jobs.spec import (
     HostFacts,
@@ -77,7 +78,6 @@ from argus_agent.jobs.spec import (
     job_base_env,
 )
 from argus_agent.jobs.store import JobRecord
-from argus_agent.jobs.supervisor import JobManager
 from argus_agent.ledger import CommandLedger
 from argus_agent.logsetup import get_logger
 from argus_agent.protocol import KNOWN_KINDS, AckStatus, Command, MalformedCommand
@@ -140,7 +140,7 @@ class Dispatcher:
     def __init__(
         self,
         ledger: CommandLedger,
-        jobs: JobManager,
+        jobs: Launcher,
         settings: Settings,
         audit: AuditLog,
         *,

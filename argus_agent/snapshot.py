@@ -17,6 +17,9 @@ import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+from argus_agent.jobs.slurm import SlurmJobs
+from argus_agent.jobs.slurm_store import SlurmJobRecord
+
 if TYPE_CHECKING:
     from argus_agent.daemon import Agent
     from argus_agent.jobs.store import JobRecord
@@ -72,9 +75,15 @@ def build_snapshot(agent: Agent) -> dict[str, Any]:
         "quarantined_jobs": list(agent.jobs.store.quarantined),
     }
     latest = agent.telemetry.latest if agent.telemetry is not None else {}
+    if isinstance(agent.jobs, SlurmJobs):  # read with sstat by their launcher
+        latest = {**latest, **agent.jobs.latest}
     data["jobs"] = [_job(r, latest.get(r.batch_id), now) for r in agent.jobs.records()]
     # Whether jobs get cgroups of their own, and why not (jobs/cgroups.py).
     data["cgroups"] = agent.jobs.cgroups.status()
+    # The Slurm launcher's view of the queue (jobs.launcher = "slurm"), else null.
+    data["slurm"] = agent.jobs.status() if isinstance(agent.jobs, SlurmJobs) else None
+    if data["slurm"] and data["slurm"]["queue_error"]:
+        data["warnings"].append(f"cannot read the Slurm queue: {data['slurm']['queue_error']}")
     return data
 
 
@@ -119,4 +128,24 @@ def _job(record: JobRecord, reading: dict[str, Any] | None, now: float) -> dict[
         "rss_bytes": reading.get("rss_bytes") if reading else None,
         "gpu_mem_mb": reading.get("gpu_mem_mb") if reading else None,
         "sampled_at": reading.get("sampled_at") if reading else None,
+        "slurm": _slurm(record),
+    }
+
+
+def _slurm(record: JobRecord) -> dict[str, Any] | None:
+    """A job under Slurm: its job id (also its ``pid``), state, nodes, how its end was
+    learned; None for a local job."""
+    if not isinstance(record, SlurmJobRecord):
+        return None
+    return {
+        "job_id": record.slurm_job_id,
+        "state": record.slurm_state,
+        "reason": record.slurm_reason,
+        "nodes": record.slurm_nodes,
+        "partition": record.slurm_partition,
+        "exit": record.slurm_exit,
+        "end_source": record.slurm_end_source,
+        "options": record.slurm_options,
+        "output_dir": record.slurm_output_dir,
+        "log_unreadable": record.log_unreadable,
     }

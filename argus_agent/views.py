@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from argus_agent.errors import StateError
+from argus_agent.jobs.cgroupfs import OOM_KILLED
+from argus_agent.jobs.slurm_store import SlurmJobRecord, SlurmStore
 from argus_agent.jobs.store import JobRecord, JobStore
 from argus_agent.statuscheck import Verdict, health_verdict
 
@@ -224,6 +226,9 @@ def _job_lines(jobs: list[dict[str, Any]]) -> list[str]:
     for j in shown:
         if j.get("log_error"):
             lines += _wrap(f"  log of {j.get('batch_id')} incomplete: {j['log_error']}", INDENT)
+        if (j.get("slurm") or {}).get("log_unreadable"):
+            why = j["slurm"]["log_unreadable"]
+            lines += _wrap(f"  output of {j.get('batch_id')} not readable here: {why}", INDENT)
     if len(jobs) > len(shown):
         lines.append(f"  … and {len(jobs) - len(shown)} more (`argus-agent jobs` lists all)")
     return lines
@@ -231,8 +236,13 @@ def _job_lines(jobs: list[dict[str, Any]]) -> list[str]:
 
 def _short_state(job: dict[str, Any]) -> str:
     """The state, or for an ended job how it ended, in a few characters."""
+    slurm = job.get("slurm") or {}
+    if slurm.get("state"):  # a job under Slurm: Slurm's own word (PENDING, OUT_OF_MEMORY…)
+        return str(slurm["state"])
     if job.get("state") != "ended":
         return str(job.get("state"))
+    if str(job.get("outcome") or "").startswith(OOM_KILLED):  # JobRecord.oom_killed
+        return "OOM"
     if job.get("exit_signal") is not None:
         with contextlib.suppress(ValueError):
             return signal.Signals(job["exit_signal"]).name
@@ -295,17 +305,19 @@ def _wrap(text: str, indent: str = INDENT, *, width: int = WIDTH) -> list[str]:
 
 
 def format_jobs(records: list[JobRecord]) -> str:
-    """A table of jobs: batch id, pid, user, state, start time, exit status."""
+    """A table of jobs: batch id, pid (``slurm:ID`` for a job under Slurm), user, state
+    (a Slurm job's queue state and nodes), start time, exit status."""
     header = ("BATCH", "PID", "USER", "STATE", "STARTED", "EXIT")
     rows = [header]
     for r in records:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_at or r.launched_at))
+        slurm = isinstance(r, SlurmJobRecord)
         rows.append(
             (
                 r.batch_id,
-                str(r.pid or "-"),
+                f"slurm:{r.slurm_job_id or '-'}" if slurm else str(r.pid or "-"),
                 r.run_as or "-",
-                r.state,
+                _slurm_state(r) if slurm else r.state,
                 started,
                 "-" if r.ended_at is None else r.describe_exit(),
             )
@@ -317,7 +329,15 @@ def format_jobs(records: list[JobRecord]) -> str:
     )
 
 
-def load_job(store: JobStore, batch_id: str) -> JobRecord:
+def _slurm_state(record: SlurmJobRecord) -> str:
+    """``RUNNING on node1``, ``PENDING (Resources)``: the queue's view of a Slurm job."""
+    state = record.slurm_state or record.state
+    if record.pending and record.slurm_reason:
+        return f"{state} ({record.slurm_reason})"
+    return f"{state} on {record.slurm_nodes}" if record.slurm_nodes else state
+
+
+def load_job(store: JobStore | SlurmStore, batch_id: str) -> JobRecord:
     """The record of one job; StateError naming the batch when there is none."""
     if not (store.job_dir(batch_id) / "job.json").exists():
         raise StateError(f"no job for batch {batch_id} in {store.root}")
@@ -328,7 +348,12 @@ def load_job(store: JobStore, batch_id: str) -> JobRecord:
 
 
 def print_log(
-    store: JobStore, batch_id: str, *, tail: int | None, follow: bool, out: TextIO = sys.stdout
+    store: JobStore | SlurmStore,
+    batch_id: str,
+    *,
+    tail: int | None,
+    follow: bool,
+    out: TextIO = sys.stdout,
 ) -> None:
     """Print a job's log (its last ``tail`` lines); with ``follow``, keep printing what the
     job writes until it has ended and its log is read to the end. Blocks; Ctrl-C ends it."""

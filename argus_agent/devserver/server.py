@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import signal
 import socket
 import sys
@@ -25,6 +24,7 @@ from typing import Any
 import uvicorn
 
 from argus_agent import wsproto
+from argus_agent.config import is_loopback
 
 from .app import create_app
 from .faults import FaultRegistry
@@ -242,17 +242,6 @@ class DevServer:
         self.stop()
 
 
-def _is_loopback(host: str) -> bool:
-    """Whether *host* (``--host``) names only this machine: ``localhost`` or a loopback
-    address. Any other name, and the wildcard addresses (``0.0.0.0``, ``::``), are not."""
-    if host.strip("[]").lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 #: Printed to stderr when ``dev-server`` is given no ``--user``.
 TOKEN_HINT = (
     "argus dev-server: no user created, so there is no token yet: run it again with "
@@ -308,7 +297,7 @@ def serve(
     try:
         srv.start()
         print(f"argus dev-server listening on {srv.url}", flush=True)
-        if not _is_loopback(host):
+        if not is_loopback(host):
             print(EXPOSED_WARNING.format(host=host, url=srv.url), file=sys.stderr, flush=True)
         for name in users:
             print(f"user {name} token {srv.create_user(name)}", flush=True)

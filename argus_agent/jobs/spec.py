@@ -50,6 +50,11 @@ class LaunchSpec:
     recorded_cwd: str | None = None
     #: The batch's recorded owner (None when ``jobs.run_as`` decided the user).
     owner: BatchOwner | None = None
+    #: The environment the batch recorded, less ``jobs.env_deny`` (a Slurm launch recovers
+    #: the original run's resources from its ``SLURM_*`` variables).
+    recorded_env: Mapping[str, str] = field(default_factory=dict)
+    #: The host the batch recorded (checked to be this host or one of its aliases).
+    host: str | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,8 @@ def build_launch_spec(
         dropped_env=tuple(dropped),
         recorded_cwd=recorded_cwd if isinstance(recorded_cwd, str) else None,
         owner=owner if jobs.run_as is None or facts.agent_uid != 0 else None,
+        recorded_env=env_payload,
+        host=payload.get("host"),
     )
 
 

@@ -1,0 +1,149 @@
+"""The ``jobs.launcher`` and ``jobs.slurm_*`` keys: their fields and checks.
+
+Kept out of ``config.py`` (which would pass 600 lines) but part of its ``JobSettings``: each
+field is declared there as ``name: TYPE = slurmconfig.NAME`` and ``check`` runs as its
+model validator, so the keys live in the ``[jobs]`` table, are documented by ``configdoc``
+like every other key, and a mistake is one line naming the key. No I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+Launcher = Literal["local", "slurm"]
+
+#: sbatch options the agent sets itself for every submission; config may not replace them
+#: (``--uid``/``--gid``: a system agent submits as the batch's owner through runuser, never
+#: by asking Slurm to change the user).
+AGENT_OWNED_OPTIONS = (
+    "--uid",
+    "--gid",
+    "--export",
+    "--export-file",
+    "--output",
+    "--error",
+    "--input",
+    "--chdir",
+    "-o",
+    "-e",
+    "-i",
+    "-D",
+    "--parsable",
+    "--wrap",
+    "--comment",
+    "--open-mode",
+)
+PARTITION_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+#: Slurm's time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or UNLIMITED.
+TIME_RE = re.compile(
+    r"^(\d{1,7}(:\d{1,2}){0,2}|\d{1,4}-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|INFINITE)$"
+)
+
+LAUNCHER = Field(
+    default="local",
+    description='How reruns are started. "local": on this host, each job under its own '
+    'supervisor process. "slurm": submitted with sbatch (this host is a Slurm login node); '
+    "Slurm places, limits, accounts and kills them; see docs/slurm.md.",
+)
+SLURM_PIN_NODE = Field(
+    default=False,
+    description="Submit a rerun to the node(s) the original run had (its recorded "
+    "SLURM_JOB_NODELIST, else the batch's host) instead of any node of its partition.",
+)
+SLURM_PARTITION = Field(
+    default=None,
+    examples=["gpu"],
+    description="Partition for reruns whose recorded environment names none "
+    "(SLURM_JOB_PARTITION). Unset: Slurm's default partition.",
+)
+SLURM_TIME_LIMIT = Field(
+    default=None,
+    examples=["1-00:00:00"],
+    description="Time limit (sbatch --time) for reruns whose recorded environment does not "
+    "tell theirs (Slurm 22.05 records none; 23.02 and later record start and end time). "
+    "Unset: the partition's default.",
+)
+SLURM_EXTRA_ARGS = Field(
+    default_factory=list,
+    examples=[["--account=ml", "--qos=normal"]],
+    description="sbatch options added to every submission after those recovered from the "
+    "run, e.g. a site's account. Options the agent sets itself (--uid, --gid, --export, "
+    "--output, --chdir, ...) are refused.",
+)
+SLURM_OUTPUT_DIR = Field(
+    default=None,
+    examples=["/shared/argus-output"],
+    description="Where each rerun's output directory (argus-<batch id>/, with output.log "
+    "and the job's exit status) is made, as the job's user: a directory on the cluster's "
+    "shared filesystem that job users can write. Unset: the rerun's working directory.",
+)
+SLURM_POLL_S = Field(
+    default=2.0,
+    gt=0,
+    le=600,
+    description="Seconds between two looks at the queue (one squeue call for all of the "
+    "agent's jobs), which also copy new output into the log.",
+)
+SLURM_USAGE_INTERVAL_S = Field(
+    default=30.0,
+    ge=5,
+    le=3600,
+    description="Seconds between two resource readings of the running jobs (one sstat call "
+    "for all of them), each sent as a resource snapshot per job.",
+)
+SLURM_COMMAND_TIMEOUT_S = Field(
+    default=60.0,
+    gt=0,
+    le=600,
+    description="How long one Slurm command (sbatch, squeue, scancel, ...) may take; a "
+    "submission that takes longer is looked for in the queue, then acked failed.",
+)
+SLURM_HOSTS = Field(
+    default_factory=list,
+    # The only value accepted today is the empty list (see NOT_BUILT).
+    examples=[[]],
+    description="Serving several compute-node host names from one agent is not built in this "
+    "agent version: setting this is refused. For now run one agent per host name (its own "
+    "agent.state_dir and agent.hostname) on the login node (docs/slurm.md).",
+)
+SLURM_PARTITIONS = Field(
+    default_factory=list,
+    # The only value accepted today is the empty list (see NOT_BUILT).
+    examples=[[]],
+    description="Goes with slurm_hosts (limit the served nodes to these partitions); not "
+    "built in this agent version either: setting it is refused.",
+)
+
+NOT_BUILT = (
+    "serving several host names from one agent is not supported by this agent version; run "
+    "one agent per host name (its own agent.state_dir and agent.hostname), see docs/slurm.md"
+)
+
+
+def check(values: Any) -> None:
+    """Check the Slurm keys of a JobSettings; raises ValueError naming the key."""
+    if values.slurm_hosts:
+        raise ValueError(f"slurm_hosts: {NOT_BUILT}")
+    if values.slurm_partitions:
+        raise ValueError(f"slurm_partitions: {NOT_BUILT}")
+    if values.slurm_partition is not None and not PARTITION_RE.match(values.slurm_partition):
+        raise ValueError("slurm_partition: expected a Slurm partition name")
+    if values.slurm_time_limit is not None and not TIME_RE.match(values.slurm_time_limit):
+        raise ValueError("slurm_time_limit: expected a Slurm time such as 90, 4:00:00 or 1-00:00")
+    for arg in values.slurm_extra_args:
+        if not arg.startswith("-") or any(ord(c) < 32 for c in arg):
+            raise ValueError(f"slurm_extra_args: {arg[:80]!r} is not one sbatch option")
+        # --name=value, or a short option with its value glued on (-oFILE)
+        name = arg.split("=", 1)[0] if arg.startswith("--") else arg[:2]
+        if name in AGENT_OWNED_OPTIONS:
+            raise ValueError(f"slurm_extra_args: {name} is set by the agent itself")
+    out: Path | None = values.slurm_output_dir
+    if out is not None:
+        if not out.is_absolute():
+            raise ValueError("slurm_output_dir: expected an absolute directory path")
+        if "%" in str(out) or "\\" in str(out):
+            raise ValueError("slurm_output_dir: Slurm reads % and \\ in output paths as patterns")

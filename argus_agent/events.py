@@ -7,7 +7,8 @@ outage or an agent restart) carries the same id and Argus de-duplicates it.
 from __future__ import annotations
 
 import json
-import uuid
+import os
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -91,6 +92,15 @@ def encode_event(event_id: str, head: str, timestamp: str, data_json: str) -> st
     return f'{{"event_id":"{event_id}",{head}"timestamp":"{timestamp}","data":{data_json}}}'
 
 
+def new_event_id() -> str:
+    """A fresh event id: 32 hex digits, the time in milliseconds first, then 80 random bits.
+    Unique like a uuid4, but ids made one after another sort together, so the server's
+    unique index on event_id takes them near its end instead of on a random page each
+    (with uuid4 ids the reference server's ingest slowed down as its table grew:
+    bench/README.md)."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+
+
 def make_event(
     event_type: str,
     kind: EventKind,
@@ -102,7 +112,7 @@ def make_event(
     event_id: str | None = None,
 ) -> OutEvent:
     """Build and encode one event, with a fresh ``event_id`` unless one is given."""
-    event_id = event_id or uuid.uuid4().hex
+    event_id = event_id or new_event_id()
     body = encode_event(
         event_id,
         envelope_head(event_type, batch_id, source),

@@ -33,6 +33,7 @@ from argus_agent.events import (
     EventSource,
     encode_event,
     envelope_head,
+    new_event_id,
     utc_timestamp,
 )
 from argus_agent.outbox import LogOffset
@@ -151,7 +152,7 @@ class LogTailer:
             return self._loss_marker(at) if final else None
         streams = self._streams(len(lines))
         timestamp = utc_timestamp(at)
-        self._id_prefix = os.urandom(12).hex()
+        self._id_prefix = new_event_id()[:24]  # time first: ids of later reads sort later
         allowed = self.bucket.take_many(time.monotonic(), len(lines))
         ids: list[str] = []
         bodies: list[str] = []

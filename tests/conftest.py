@@ -15,7 +15,7 @@ from argus_agent.devserver import DevServer
 from argus_agent.logsetup import configure
 from tests.cgroupenv import cgroup_root  # noqa: F401  (the fixture, for every test module)
 from tests.leftovers import LeftoverGuard
-from tests.slurmenv import slurm, slurm_cluster  # noqa: F401  (the fixtures)
+from tests.slurmenv import slurm, slurm_cluster, slurm_settings  # noqa: F401  (the fixtures)
 from tests.support import ArgusUser, settings_for
 
 

@@ -33,13 +33,14 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from argus_agent.config import Settings
 from tests.leftovers import process_table
 
 #: The programs a cluster needs (Debian: slurmctld, slurmd, slurm-client, munge).
@@ -474,3 +475,28 @@ def slurm(slurm_cluster: SlurmCluster) -> Iterator[SlurmCluster]:
     left = slurm_cluster.cancel_all()
     if left:
         pytest.fail(f"the test left Slurm job(s) {left} in the queue (cancelled now)", False)
+
+
+#: Settings of an agent whose launcher is Slurm, polling fast (for tests).
+AGENT_FAST = {"launcher": "slurm", "slurm_poll_s": 0.2, "slurm_usage_interval_s": 5.0}
+
+
+@pytest.fixture
+def slurm_settings(
+    slurm: SlurmCluster,
+    make_settings: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> Callable[..., Settings]:
+    """Settings of an agent whose launcher is this cluster (``SLURM_CONF`` in its env).
+    Batches that record no working directory run in the test's (where their output
+    directories go), not in the run-as user's home."""
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    default_cwd = tmp_path / "default-cwd"
+    default_cwd.mkdir()
+
+    def build(*, jobs: dict | None = None, **sections: dict) -> Settings:
+        jobs = {**AGENT_FAST, "default_cwd": str(default_cwd), **(jobs or {})}
+        return make_settings(jobs=jobs, **sections)
+
+    return build

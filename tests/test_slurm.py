@@ -20,12 +20,11 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from argus_agent.config import Settings
 from argus_agent.jobs.slurm_store import SLURM_DIR, SlurmJobRecord, SlurmStore
 from tests.slurmenv import SlurmCluster
 from tests.support import (
@@ -44,28 +43,6 @@ PY = shlex.quote(sys.executable)
 REPORT = FIXTURES / "report_all.py"
 SYSTEM_PY = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
 #: Fast watching for tests (the defaults are for a real cluster).
-FAST = {"launcher": "slurm", "slurm_poll_s": 0.2, "slurm_usage_interval_s": 5.0}
-
-
-@pytest.fixture
-def slurm_settings(
-    slurm: SlurmCluster,
-    make_settings: Callable[..., Settings],
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-) -> Callable[..., Settings]:
-    """Settings of an agent whose launcher is this cluster (``SLURM_CONF`` in its env).
-    Batches that record no working directory run in the test's (where their output
-    directories go), not in the run-as user's home."""
-    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
-    default_cwd = tmp_path / "default-cwd"
-    default_cwd.mkdir()
-
-    def build(*, jobs: dict | None = None, **sections: dict) -> Settings:
-        jobs = {**FAST, "default_cwd": str(default_cwd), **(jobs or {})}
-        return make_settings(jobs=jobs, **sections)
-
-    return build
 
 
 @pytest.fixture

@@ -56,6 +56,9 @@ from argus_agent.logsetup import get_logger
 
 log = get_logger(__name__)
 
+#: How often a stop retries its final scancel while Slurm cannot be reached (seconds).
+KILL_RETRY_S = 10.0
+
 #: The job's ``--comment``: how a submission whose answer was lost is found again.
 COMMENT_PREFIX = "argus-agent:"
 #: The client programs a Slurm launcher cannot work without (sacct and sstat are optional).
@@ -195,14 +198,26 @@ class SlurmJobs(QueueWatch):
                 text=True,
                 timeout=self.settings.slurm_command_timeout_s,
             )
-            ids = [
-                int(line.split("|", 1)[0])
-                for line in done.stdout.splitlines()
-                if line.partition("|")[2].strip() == COMMENT_PREFIX + record.batch_id
-                and line.split("|", 1)[0].isdigit()
-            ]
-        except (OSError, subprocess.SubprocessError):
-            ids = []
+        except (OSError, subprocess.SubprocessError) as exc:
+            done, failure = None, str(exc)
+        else:
+            failure = done.stderr.strip()[:200] or f"exit status {done.returncode}"
+        if done is None or done.returncode != 0:
+            # An unreadable queue proves nothing: the record stays as it is (not ended) and
+            # is looked for again at the next start; the job, if queued, keeps its record.
+            log.error(
+                "a submission interrupted by a restart cannot be looked up: squeue failed; "
+                "it is looked for again when the agent next starts",
+                batch_id=record.batch_id,
+                error=failure,
+            )
+            return
+        ids = [
+            int(line.split("|", 1)[0])
+            for line in done.stdout.splitlines()
+            if line.partition("|")[2].strip() == COMMENT_PREFIX + record.batch_id
+            and line.split("|", 1)[0].isdigit()
+        ]
         if ids:
             job.record = record.with_changes(pid=ids[0], slurm_job_id=ids[0])
             log.info("a submission interrupted by a restart was found", job=ids[0])
@@ -324,7 +339,34 @@ class SlurmJobs(QueueWatch):
         head = result.out.strip().split(";", 1)[0]
         if not head.isdigit():
             raise LaunchError(f"sbatch answered {result.out.strip()[:200]!r}, not a job id")
-        return int(head)
+        return await self._verified(record, int(head))
+
+    async def _verified(self, record: SlurmJobRecord, job_id: int) -> int:
+        """The id sbatch printed, once the queue confirms it is the owner's job with this
+        batch's comment. sbatch runs as the owner, whose other processes can write into its
+        output: an id read from there is never trusted on its own (the agent acts on it,
+        e.g. with scancel). A queue that names another job of the owner's with the comment
+        wins; one that cannot be read leaves the id (stops run as the owner: Slurm itself
+        refuses them for a job not the owner's)."""
+        owner, comment = record.run_as or "root", COMMENT_PREFIX + record.batch_id
+        try:
+            found = await self.commands.jobs_with_comment(owner, comment)
+        except SlurmUnavailable as exc:
+            log.warning("cannot confirm the submitted job in the queue", job=job_id, error=str(exc))
+            return job_id
+        if job_id in found:
+            return job_id
+        if found:
+            log.warning(
+                "sbatch's answer names a job that is not this submission; using the queue's",
+                answered=job_id,
+                job=found[0],
+            )
+            return found[0]
+        raise LaunchError(
+            f"sbatch answered job {job_id}, which is not a job of {owner} for this batch; "
+            "the submission is not in the queue"
+        )
 
     async def _submission_lost(self, record: SlurmJobRecord, why: str) -> int:
         """sbatch did not answer: the job may still have been queued. Look for it by its
@@ -374,37 +416,60 @@ class SlurmJobs(QueueWatch):
                 self._update(job, row)
                 record = job.record
         pending = record.pending
+        if (
+            not pending
+            and not record.killed_after_grace
+            and (job.killer is None or job.killer.done())
+        ):  # before the TERM: a TERM that fails still gets its cancel after the grace
+            remaining = (record.stop_requested_at or time.time()) + (record.stop_grace_s or 0.0)
+            job.killer = asyncio.create_task(
+                self._kill_after(job, max(0.0, remaining - time.time()))
+            )
         try:
-            result = await self.commands.scancel(record.slurm_job_id, term=not pending)
+            result = await self.commands.scancel(
+                record.slurm_job_id, term=not pending, as_user=self._owner(record)
+            )
         except SlurmUnavailable as exc:
             raise JobError(f"cannot stop Slurm job {record.slurm_job_id}: {exc}") from None
         if result.rc != 0 and "already completing or completed" not in result.err:
             raise JobError(f"scancel of Slurm job {record.slurm_job_id} failed: {result.message()}")
-        if first and not pending:
-            job.killer = asyncio.create_task(self._kill_after(job, record.stop_grace_s or 0.0))
         log.info("Slurm job stop", batch_id=batch_id, job=record.slurm_job_id, pending=pending)
         self._wake.set()
         return record
 
     async def _kill_after(self, job: SlurmJob, delay: float) -> None:
-        """The end of a stop's grace period: cancel the job if it still runs."""
+        """The end of a stop's grace period: cancel the job if it still runs, trying again
+        every ``KILL_RETRY_S`` while scancel fails (Slurm unreachable), until the job ends."""
         await asyncio.sleep(delay)
-        record = job.record
-        if job.ended.is_set() or record.slurm_job_id is None:
-            return
-        try:
-            result = await self.commands.scancel(record.slurm_job_id)
-        except SlurmUnavailable as exc:
+        while not job.ended.is_set() and job.record.slurm_job_id is not None:
+            record = job.record
+            try:
+                result = await self.commands.scancel(
+                    record.slurm_job_id, as_user=self._owner(record)
+                )
+            except SlurmUnavailable as exc:
+                error = str(exc)
+            else:
+                if result.rc == 0 or "already completing or completed" in result.err:
+                    job.record = job.record.with_changes(killed_after_grace=True)
+                    self.store.save(job.record)
+                    self._wake.set()
+                    return
+                error = result.message()
             log.error(
-                "cannot cancel the job after its grace period",
+                "cannot cancel the job after its grace period; trying again",
                 job=record.slurm_job_id,
-                error=str(exc),
+                error=error,
+                retry_in_s=KILL_RETRY_S,
             )
-            return
-        if result.rc == 0:
-            job.record = job.record.with_changes(killed_after_grace=True)
-            self.store.save(job.record)
-        self._wake.set()
+            await asyncio.sleep(KILL_RETRY_S)
+
+    def _owner(self, record: SlurmJobRecord) -> str | None:
+        """Whom scancel runs as: the job's owner (Slurm then refuses a job that is not
+        theirs), or None when that is the agent's own user."""
+        if record.uid is not None and record.uid == self.agent_uid:
+            return None
+        return record.run_as
 
     # -- ends ----------------------------------------------------------------------------
 

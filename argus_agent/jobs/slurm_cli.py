@@ -209,15 +209,18 @@ class SlurmCommands:
         result = await self.run(["sstat", "-a", "-n", "-P", "-j", ids, "-o", fields])
         return parse_sstat(result.out)
 
-    async def scancel(self, job_id: int, *, term: bool = False) -> Result:
+    async def scancel(
+        self, job_id: int, *, term: bool = False, as_user: str | None = None
+    ) -> Result:
         """``scancel --signal=TERM --full ID`` (``term``: every process of the job gets
         SIGTERM, the batch script included), else plain ``scancel ID`` (cancel; SIGKILL
         after the cluster's KillWait). Never send TERM to a pending job: Slurm 22.05's
-        scancel then waits for it to start."""
+        scancel then waits for it to start. ``as_user``: run as the job's owner, so that
+        Slurm refuses it for any job not theirs."""
         argv = ["scancel", "--signal=TERM", "--full", str(job_id)] if term else ["scancel"]
         if not term:
             argv.append(str(job_id))
-        return await self.run(argv)
+        return await self.run(argv, as_user=as_user)
 
     async def jobs_with_comment(self, user: str, comment: str) -> list[int]:
         """Ids of ``user``'s jobs whose comment is ``comment`` (a submission whose answer

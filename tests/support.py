@@ -10,7 +10,7 @@ import pwd
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -324,3 +324,35 @@ def on_websocket(running: RunningAgent) -> bool:
     """Whether the running agent's channel is connected over the websocket."""
     channel = running.agent.state.channel
     return channel.kind == "websocket" and channel.connected_since is not None
+
+
+@contextlib.contextmanager
+def temp_os_user(prefix: str) -> Iterator[pwd.struct_passwd]:
+    """A fresh OS user (``useradd``, with a home), its processes killed and the user removed
+    with its home at the end."""
+    import subprocess
+
+    name = f"{prefix}{uuid.uuid4().hex[:8]}"
+    subprocess.run(
+        ["useradd", "--create-home", "--shell", "/bin/sh", name], check=True, capture_output=True
+    )
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", name], check=False, capture_output=True)
+        subprocess.run(["userdel", "--remove", name], check=False, capture_output=True)
+
+
+@contextlib.contextmanager
+def shared_tmp_dir(prefix: str, mode: int) -> Iterator[Path]:
+    """A directory under /tmp that other users may enter (pytest's tmp_path is private to
+    root), with ``mode``, removed at the end."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(mode)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -12,12 +12,9 @@ import asyncio
 import json
 import os
 import pwd
-import shutil
 import socket
 import subprocess
-import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -38,6 +35,8 @@ from tests.support import (
     register,
     server_events,
     settings_for,
+    shared_tmp_dir,
+    temp_os_user,
 )
 from tests.test_commands import HangingUserDb, release
 
@@ -377,26 +376,16 @@ def test_a_client_refuses_an_agent_that_predates_ops(tmp_path: Path) -> None:
 
 @pytest.fixture
 def reachable_dir() -> Iterator[Path]:
-    """A directory under /tmp that other users may traverse (pytest's tmp_path is private to
-    root), removed at the end."""
-    path = Path(tempfile.mkdtemp(prefix="argus-op-", dir="/tmp"))
-    path.chmod(0o711)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    """A directory under /tmp that other users may traverse, removed at the end."""
+    with shared_tmp_dir("argus-op-", 0o711) as path:
+        yield path
 
 
 @pytest.fixture
 def other_user() -> Iterator[pwd.struct_passwd]:
     """A fresh OS user, removed with its home at the end."""
-    name = f"argop{uuid.uuid4().hex[:8]}"
-    subprocess.run(
-        ["useradd", "--create-home", "--shell", "/bin/sh", name], check=True, capture_output=True
-    )
-    try:
-        yield pwd.getpwnam(name)
-    finally:
-        subprocess.run(["pkill", "-KILL", "-u", name], check=False, capture_output=True)
-        subprocess.run(["userdel", "--remove", name], check=False, capture_output=True)
+    with temp_os_user("argop") as user:
+        yield user
 
 
 def _as_user(user: pwd.struct_passwd, path: Path, line: bytes) -> bytes:

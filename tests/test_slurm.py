@@ -16,10 +16,8 @@ import json
 import pwd
 import shlex
 import shutil
-import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,37 +35,44 @@ from tests.support import (
     eventually,
     register,
     server_events,
+    shared_tmp_dir,
+    temp_os_user,
 )
 
 PY = shlex.quote(sys.executable)
 REPORT = FIXTURES / "report_all.py"
 SYSTEM_PY = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
-#: Fast watching for tests (the defaults are for a real cluster).
 
 
 @pytest.fixture
 def open_dir() -> Iterator[Path]:
-    """A working directory every user may enter (pytest's tmp_path is private to root)."""
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(prefix="argus-slurm-work-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    """A working directory every user may enter, removed at the end."""
+    with shared_tmp_dir("argus-slurm-work-", 0o755) as path:
+        yield path
 
 
 @pytest.fixture
 def os_user() -> Iterator[pwd.struct_passwd]:
     """A real OS user with a home directory, removed (home and all) at the end."""
-    name = f"argsl{uuid.uuid4().hex[:8]}"
-    subprocess.run(
-        ["useradd", "--create-home", "--shell", "/bin/sh", name], check=True, capture_output=True
+    with temp_os_user("argsl") as user:
+        yield user
+
+
+def lost_submission(store: SlurmStore, batch: str, cwd: Path) -> SlurmJobRecord:
+    """The record of a submission whose sbatch answer was never read (the agent died)."""
+    return SlurmJobRecord(
+        batch_id=batch,
+        cmd_id=f"c-{batch}",
+        command_line="sleep 120",
+        argv=["/bin/sh", "-c", "sleep 120"],
+        cwd=str(cwd),
+        log_path=str(store.job_dir(batch) / "output.log"),
+        launched_at=time.time(),
+        run_as="root",
+        uid=0,
+        gid=0,
+        slurm_output_dir=str(cwd / f"argus-{batch}"),
     )
-    try:
-        yield pwd.getpwnam(name)
-    finally:
-        subprocess.run(["pkill", "-KILL", "-u", name], check=False, capture_output=True)
-        subprocess.run(["userdel", "--remove", name], check=False, capture_output=True)
 
 
 async def _report(path: Path, timeout: float = 20.0) -> dict:
@@ -533,21 +538,7 @@ async def test_a_submission_whose_answer_was_lost_is_found_by_its_comment_or_end
     await register(settings, user_token)
     store = SlurmStore(settings.agent.state_dir / SLURM_DIR)
     for batch in ("rerun-aaaaaaaaaaaa", "rerun-bbbbbbbbbbbb"):
-        store.create(
-            SlurmJobRecord(
-                batch_id=batch,
-                cmd_id=f"c-{batch}",
-                command_line="sleep 120",
-                argv=["/bin/sh", "-c", "sleep 120"],
-                cwd=str(tmp_path),
-                log_path=str(store.job_dir(batch) / "output.log"),
-                launched_at=time.time(),
-                run_as="root",
-                uid=0,
-                gid=0,
-                slurm_output_dir=str(tmp_path / f"argus-{batch}"),
-            )
-        )
+        store.create(lost_submission(store, batch, tmp_path))
     queued = slurm.submit("--comment=argus-agent:rerun-aaaaaaaaaaaa", script="sleep 120")
     async with RunningAgent(settings) as running:
         found = running.agent.jobs.get("rerun-aaaaaaaaaaaa")

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from argus_agent.errors import JobError
-from argus_agent.jobs.slurm_store import SLURM_DIR, SlurmJobRecord, SlurmStore
+from argus_agent.jobs.slurm_store import SLURM_DIR, SlurmStore
 from tests.slurmenv import SlurmCluster
 from tests.support import ArgusUser, RunningAgent, eventually, register
-from tests.test_slurm import FIXTURES, PY, _ended, _lifecycle
+from tests.test_slurm import FIXTURES, PY, _ended, _lifecycle, lost_submission
 
 UNREACHABLE = "slurm_load_jobs error: Unable to contact slurm controller (connect failure)"
 
@@ -74,21 +73,7 @@ async def test_a_failing_squeue_at_start_never_ends_a_lost_submission(
     await register(settings, user_token)
     batch = "rerun-cccccccccccc"
     store = SlurmStore(settings.agent.state_dir / SLURM_DIR)
-    store.create(
-        SlurmJobRecord(
-            batch_id=batch,
-            cmd_id=f"c-{batch}",
-            command_line="sleep 120",
-            argv=["/bin/sh", "-c", "sleep 120"],
-            cwd=str(tmp_path),
-            log_path=str(store.job_dir(batch) / "output.log"),
-            launched_at=time.time(),
-            run_as="root",
-            uid=0,
-            gid=0,
-            slurm_output_dir=str(tmp_path / f"argus-{batch}"),
-        )
-    )
+    store.create(lost_submission(store, batch, tmp_path))
     async with RunningAgent(settings) as running:
         record = running.agent.jobs.get(batch)
         assert record is not None and record.ended_at is None and record.exit_note is None

@@ -45,6 +45,7 @@ from argus_agent.config import JobSettings
 from argus_agent.errors import ConfigError, JobError, LaunchError, PayloadError
 from argus_agent.health import DEFAULT_STALL_S, Health
 from argus_agent.jobs import slurm_files
+from argus_agent.jobs.jobtable import JobTable
 from argus_agent.jobs.policy import ENV_NAME_RE
 from argus_agent.jobs.slurm_cli import SlurmCommands, SlurmUnavailable
 from argus_agent.jobs.slurm_resources import from_env, is_slurm_variable, sbatch_options
@@ -81,7 +82,7 @@ class _NoCgroups:
         return {"mode": "none", "why": "jobs run under Slurm, which keeps their cgroups"}
 
 
-class SlurmJobs(QueueWatch):
+class SlurmJobs(QueueWatch, JobTable[SlurmJobRecord]):
     """The jobs this agent submitted to Slurm. Use from one event loop."""
 
     def __init__(
@@ -115,27 +116,6 @@ class SlurmJobs(QueueWatch):
         self._copying: set[threading.Thread] = set()
         self._cpu_seen: dict[int, tuple[float, float]] = {}
         self._next_usage = 0.0
-
-    # -- queries -------------------------------------------------------------------------
-
-    def get(self, batch_id: str) -> SlurmJobRecord | None:
-        """The record of the job for ``batch_id``, or None."""
-        job = self._jobs.get(batch_id)
-        return job.record if job else None
-
-    def records(self) -> list[JobRecord]:
-        """All known jobs, newest first."""
-        return sorted((j.record for j in self._jobs.values()), key=lambda r: -r.launched_at)
-
-    def running(self) -> list[JobRecord]:
-        """Jobs that have not ended (pending in the queue included)."""
-        return [r for r in self.records() if r.running]
-
-    async def wait_ended(self, batch_id: str, timeout: float | None = None) -> JobRecord:
-        """Wait until the job has ended; raises TimeoutError or KeyError."""
-        job = self._jobs[batch_id]
-        await asyncio.wait_for(job.ended.wait(), timeout)
-        return job.record
 
     def status(self) -> dict[str, Any]:
         """The launcher's part of `status`."""

@@ -41,6 +41,7 @@ from argus_agent.errors import JobError, LaunchError
 from argus_agent.jobs import cgroupfs, proctree, reaper
 from argus_agent.jobs.carryon import ADOPTED_POLL_S, SHIM_PATH, CarryOn, Job
 from argus_agent.jobs.cgroups import CgroupInUse, Cgroups, remove_job
+from argus_agent.jobs.jobtable import JobTable
 from argus_agent.jobs.procfs import signal_process
 from argus_agent.jobs.spec import LaunchSpec
 from argus_agent.jobs.store import JobRecord, JobRecordError, JobStore
@@ -58,7 +59,7 @@ SHUTDOWN_REPORT_S = 10.0
 LOST = "the job's supervisor ended without recording an exit status"
 
 
-class JobManager(CarryOn):
+class JobManager(CarryOn, JobTable[JobRecord]):
     """The jobs this agent supervises. Use from one event loop."""
 
     def __init__(
@@ -84,27 +85,6 @@ class JobManager(CarryOn):
         #: Shims and output keepers this process started: asyncio waits for them, so
         #: ``reap_orphans`` must not, and no fallback stop takes them for a job's orphans.
         self._spawned: set[int] = set()
-
-    # -- queries -------------------------------------------------------------------------
-
-    def get(self, batch_id: str) -> JobRecord | None:
-        """The record of the job for ``batch_id``, or None."""
-        job = self._jobs.get(batch_id)
-        return job.record if job else None
-
-    def records(self) -> list[JobRecord]:
-        """All known jobs, newest first."""
-        return sorted((j.record for j in self._jobs.values()), key=lambda r: -r.launched_at)
-
-    def running(self) -> list[JobRecord]:
-        """Jobs that have not ended."""
-        return [r for r in self.records() if r.running]
-
-    async def wait_ended(self, batch_id: str, timeout: float | None = None) -> JobRecord:
-        """Wait until the job has ended; raises TimeoutError or KeyError."""
-        job = self._jobs[batch_id]
-        await asyncio.wait_for(job.ended.wait(), timeout)
-        return job.record
 
     # -- start-up ------------------------------------------------------------------------
 

@@ -19,7 +19,8 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic.fields import FieldInfo
 
-from argus_agent.config import DEFAULT_TEXT, SECTIONS
+from argus_agent.config import SECTIONS
+from argus_agent.configbase import DEFAULT_TEXT
 from argus_agent.configsources import ENV_PREFIX, SDK_ENV, may_be_unset, value_kind
 
 WIDTH = 92

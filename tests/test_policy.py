@@ -9,11 +9,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from argus_agent.config import DEFAULT_ENV_DENY, Settings
+from argus_agent.config import Settings
 from argus_agent.errors import PayloadError
 from argus_agent.jobs import policy
 from argus_agent.jobs.policy import BatchOwner, Identity, UserDb
 from argus_agent.jobs.spec import HostFacts, build_launch_spec
+from argus_agent.jobsettings import DEFAULT_ENV_DENY
 from argus_agent.protocol import Command
 
 NOW = 1_800_000_000.0

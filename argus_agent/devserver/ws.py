@@ -33,21 +33,20 @@ import contextlib
 import contextvars
 import json
 import logging
-import math
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import ValidationError
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from argus_agent import __version__, wsproto
 from argus_agent.wsproto import CloseCode, ErrorCode, FrameError
 
-from . import executor, ingest
+from . import executor, ingest, wsframes
 from .schemas import EventIn
 from .store import ApiError, Store
 
@@ -142,24 +141,6 @@ def close_reason(text: str) -> str:
     if len(raw) <= _MAX_CLOSE_REASON_BYTES:
         return text
     return raw[: _MAX_CLOSE_REASON_BYTES - 3].decode("utf-8", "ignore") + "..."
-
-
-_EVENT_LIST: TypeAdapter[list[EventIn]] = TypeAdapter(list[EventIn])
-
-
-def _rejection(raw: dict[str, Any], exc: ValidationError) -> wsproto.Rejection:
-    """An envelope that is not one: the first problem, and its event_id where readable."""
-    first = exc.errors(include_url=False)[0]
-    where = ".".join(str(p) for p in first["loc"]) or "event"
-    event_id = raw.get("event_id")
-    return wsproto.Rejection(
-        event_id=event_id if isinstance(event_id, str) and len(event_id) <= 128 else None,
-        error=_trim(f"{where}: {first['msg']}", wsproto.MAX_ACK_ERROR_CHARS) or "invalid",
-    )
-
-
-def _trim(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class WsHub:
@@ -332,7 +313,7 @@ class _Session:
                 await self.ws.close(code, close_reason(reason))
 
     async def _error(self, code: ErrorCode, reason: str, ref: str | None = None) -> None:
-        await self.send(wsproto.ErrorMsg(code=code, reason=_trim(reason, 1000), ref=ref))
+        await self.send(wsproto.ErrorMsg(code=code, reason=wsframes.trim(reason, 1000), ref=ref))
 
     # -- the session ---------------------------------------------------------------------------
 
@@ -371,7 +352,7 @@ class _Session:
             return False
         if message is None:
             return False
-        decoded = _decode(message)
+        decoded = wsframes.decode(message)
         if isinstance(decoded, FrameError):
             reply = decoded.reply()
             if reply is not None:
@@ -430,7 +411,7 @@ class _Session:
                 return
             self._frames += 1
             drop = self._drop_after is not None and self._frames >= self._drop_after
-            decoded = _checked_events(message) or _decode(message)
+            decoded = wsframes.checked_events(message) or wsframes.decode(message)
             answer: wsproto.Message | None = None
             if isinstance(decoded, FrameError):
                 if await self._bad_frame(decoded, answer=not drop):
@@ -441,7 +422,7 @@ class _Session:
                 return
             elif isinstance(decoded, wsproto.Ack):
                 answer = self._ack(decoded)
-            elif isinstance(decoded, wsproto.Events | _CheckedEvents):
+            elif isinstance(decoded, wsproto.Events | wsframes.CheckedEvents):
                 answer = self._events(decoded)
                 if answer is None:
                     await self._error(
@@ -453,7 +434,7 @@ class _Session:
                     return
             elif isinstance(decoded, wsproto.ErrorMsg):
                 _log.debug("agent %s reported %s: %s", self.agent_id, decoded.code, decoded.reason)
-            if not isinstance(decoded, wsproto.Ack | wsproto.Events | _CheckedEvents):
+            if not isinstance(decoded, wsproto.Ack | wsproto.Events | wsframes.CheckedEvents):
                 self._touch()
             if drop:
                 _log.info("fault: dropping %s after %d frames", self.agent_id, self._frames)
@@ -503,11 +484,11 @@ class _Session:
         self._touched = time.monotonic()
         return wsproto.AckResult(cmd_id=ack.cmd_id, result="ok")
 
-    def _events(self, frame: wsproto.Events | _CheckedEvents) -> wsproto.Confirm | None:
+    def _events(self, frame: wsproto.Events | wsframes.CheckedEvents) -> wsproto.Confirm | None:
         """Store the frame's events and its seq in one transaction; the confirm (listing only
         the rejected events), or None when the database failed (nothing is then stored)."""
         rejections: dict[int, wsproto.Rejection] = {}  # by the event's index in the frame
-        if isinstance(frame, _CheckedEvents):
+        if isinstance(frame, wsframes.CheckedEvents):
             valid, indices = frame.events, list(range(len(frame.events)))
         else:
             valid, indices = self._valid_events(frame, rejections)
@@ -520,7 +501,7 @@ class _Session:
         """The frame's envelopes that are envelopes, with their indices; the others go to
         ``rejections``."""
         try:  # the whole frame in one validation call; one by one only when something is off
-            valid = _EVENT_LIST.validate_python(frame.events)
+            valid = wsframes.EVENT_LIST.validate_python(frame.events)
             indices = list(range(len(valid)))
         except ValidationError:
             valid, indices = [], []
@@ -529,7 +510,7 @@ class _Session:
                     valid.append(EventIn.model_validate(raw))
                     indices.append(index)
                 except ValidationError as exc:
-                    rejections[index] = _rejection(raw, exc)
+                    rejections[index] = wsframes.rejection(raw, exc)
         return valid, indices
 
     def _store_events(
@@ -551,7 +532,9 @@ class _Session:
         self._touched = time.monotonic()
         for index, event, outcome in zip(indices, valid, outcomes, strict=True):
             if isinstance(outcome, ApiError):
-                error = _trim(str(outcome.detail), wsproto.MAX_ACK_ERROR_CHARS) or "rejected"
+                error = (
+                    wsframes.trim(str(outcome.detail), wsproto.MAX_ACK_ERROR_CHARS) or "rejected"
+                )
                 rejections[index] = wsproto.Rejection(event_id=event.event_id, error=error)
         return wsproto.Confirm(
             seq=seq,
@@ -593,72 +576,3 @@ class _Session:
                         CloseCode.UNAUTHORIZED, "the agent token was rotated or revoked"
                     )
                     return
-
-
-class _CheckedEvents(BaseModel):
-    """An events frame whose envelopes all passed :class:`EventIn` in one go."""
-
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["events"]
-    seq: wsproto.Seq
-    events: list[EventIn] = Field(min_length=1, max_length=wsproto.MAX_EVENTS_PER_FRAME)
-
-
-_CHECKED_EVENTS: TypeAdapter[_CheckedEvents] = TypeAdapter(_CheckedEvents)
-#: Integers from here on have more digits than the protocol takes (``MAX_INT_DIGITS``).
-_TOO_MANY_DIGITS = 10**wsproto.MAX_INT_DIGITS
-
-
-def _checked_events(message: dict[str, Any]) -> _CheckedEvents | None:
-    """The fast way for the common frame, a well-formed events frame: JSON parsed and every
-    envelope validated in one pydantic call (about a fifth of the server's time per event
-    went to ``json.loads`` and the decoder's walk). None for anything else, which then takes
-    :func:`wsproto.decode_frame` and gets its exact answers (errors, rejections)."""
-    text = message.get("text")
-    if text is None or not text.startswith('{"type":"events"'):
-        return None
-    if len(text) * 4 > wsproto.MAX_EVENTS_FRAME_BYTES and (
-        len(text.encode("utf-8", "surrogatepass")) > wsproto.MAX_EVENTS_FRAME_BYTES
-    ):
-        return None
-    try:
-        frame = _CHECKED_EVENTS.validate_json(text)
-    except ValidationError:
-        return None
-    if any(_doubtful(event.data) for event in frame.events):
-        return None
-    return frame
-
-
-def _doubtful(data: dict[str, Any]) -> bool:
-    """Whether an envelope's data holds what pydantic's JSON parser takes but the protocol's
-    decoder refuses: nesting past the frame's depth bound (frame > events > event > data take
-    four levels), NaN or an infinity (``NaN``, ``Infinity``, ``1e999``), an integer of more
-    than ``MAX_INT_DIGITS`` digits (pydantic's parser itself refuses those past a few
-    thousand digits, so none is slow to parse)."""
-    stack: list[tuple[Any, int]] = [(data, 4)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > wsproto.MAX_FRAME_DEPTH:
-            return True
-        for child in value.values() if isinstance(value, dict) else value:
-            if isinstance(child, dict | list):
-                stack.append((child, depth + 1))
-            elif _out_of_range(child):
-                return True
-    return False
-
-
-def _out_of_range(value: Any) -> bool:
-    if isinstance(value, float):
-        return not math.isfinite(value)
-    return isinstance(value, int) and abs(value) >= _TOO_MANY_DIGITS
-
-
-def _decode(message: dict[str, Any]) -> wsproto.Message | FrameError:
-    text = message.get("text")
-    if text is None:
-        return FrameError(
-            ErrorCode.BAD_JSON, "a binary frame; every message is JSON in a text frame"
-        )
-    return wsproto.decode_frame(text, wsproto.Direction.TO_SERVER)

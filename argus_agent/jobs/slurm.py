@@ -453,29 +453,8 @@ class SlurmJobs(QueueWatch, JobTable[SlurmJobRecord]):
 
     # -- ends ----------------------------------------------------------------------------
 
-    def _report(self, record: SlurmJobRecord) -> None:
-        """Hand a job's end to ``on_ended`` in the background; remember it was reported."""
-
-        async def report() -> None:
-            try:
-                if self.on_ended is not None:
-                    await self.on_ended(record)
-            except Exception:
-                log.exception(
-                    "reporting a job's end failed; retried at the next start",
-                    batch_id=record.batch_id,
-                )
-                return
-            self.store.mark_reported(record.batch_id)
-
-        task = asyncio.create_task(report())
-        self._reports.add(task)
-        task.add_done_callback(self._reports.discard)
-
-    async def reports_done(self) -> None:
-        """Wait until every job end handed to ``on_ended`` so far was reported."""
-        while self._reports:
-            await asyncio.gather(*list(self._reports), return_exceptions=True)
+    def _reported(self, record: SlurmJobRecord) -> None:
+        self.store.mark_reported(record.batch_id)
 
     # -- housekeeping --------------------------------------------------------------------
 

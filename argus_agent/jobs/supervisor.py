@@ -394,30 +394,9 @@ class JobManager(CarryOn, JobTable[JobRecord]):
         log.info("job ended", batch_id=record.batch_id, outcome=record.describe_exit())
         self._report(record)
 
-    def _report(self, record: JobRecord) -> None:
-        """Hand a job's end to ``on_ended`` (in the background) and remember it was reported."""
-
-        async def report() -> None:
-            try:
-                if self.on_ended is not None:
-                    await self.on_ended(record)
-            except Exception:
-                log.exception(
-                    "reporting a job's end failed; it is retried at the next start",
-                    batch_id=record.batch_id,
-                )
-                return
-            mark_reported(self.store, record)
-            remove_job(record.batch_id, record.cgroup)  # its end is out: nothing left to read
-
-        task = asyncio.create_task(report())
-        self._reports.add(task)
-        task.add_done_callback(self._reports.discard)
-
-    async def reports_done(self) -> None:
-        """Wait until every job end handed to ``on_ended`` so far was reported."""
-        while self._reports:
-            await asyncio.gather(*list(self._reports), return_exceptions=True)
+    def _reported(self, record: JobRecord) -> None:
+        mark_reported(self.store, record)
+        remove_job(record.batch_id, record.cgroup)  # its end is out: nothing left to read
 
     def _mark_lost(self, job: Job, note: str) -> None:
         try:

@@ -79,6 +79,19 @@ def _has_cgroup(record: JobRecord) -> bool:
     return bool(record.cgroup) and os.path.isdir(record.cgroup.get(cgroupfs.V2, ""))
 
 
+def main_process(record: JobRecord) -> tuple[bool, int | None]:
+    """Whether the job's main process still runs, and its wait status once it was collected
+    (it is a child of the agent once re-parented to it; None: not ours, or not collectable).
+    It may exit between the two looks (a zombie is not "the same process"), so a process
+    found gone is collected once more before concluding it left no status."""
+    status = reaper.reap(record.pid) if record.pid is not None else None
+    if status is not None:
+        return False, status
+    if proctree.is_same_process(record.pid, record.start_ticks):
+        return True, None
+    return False, reaper.reap(record.pid) if record.pid is not None else None
+
+
 class CarryOn:
     """The job table's handling of jobs whose shim is gone (mixed into ``JobManager``)."""
 
@@ -229,8 +242,8 @@ class CarryOn:
             # A stop was under way when the shim died: the agent finishes it.
             self._stop_without_shim(job)
         while True:
-            status = reaper.reap(record.pid)
-            if status is not None or not proctree.is_same_process(record.pid, record.start_ticks):
+            running, status = main_process(record)
+            if not running:
                 break
             if self._stop_gave_up(job):
                 break  # a stop gave up on what would not die: the job is recorded as ended

@@ -39,7 +39,7 @@ from pathlib import Path
 from argus_agent.config import JobSettings
 from argus_agent.errors import JobError, LaunchError
 from argus_agent.jobs import cgroupfs, proctree, reaper
-from argus_agent.jobs.carryon import ADOPTED_POLL_S, SHIM_PATH, CarryOn, Job
+from argus_agent.jobs.carryon import ADOPTED_POLL_S, SHIM_PATH, CarryOn, Job, main_process
 from argus_agent.jobs.cgroups import CgroupInUse, Cgroups, remove_job
 from argus_agent.jobs.jobtable import JobTable
 from argus_agent.jobs.procfs import signal_process
@@ -363,8 +363,8 @@ class JobManager(CarryOn, JobTable[JobRecord]):
         if (self.store.job_dir(record.batch_id) / "exit.json").exists():
             self._ended(job)
             return
-        status = reaper.reap(record.pid) if record.pid is not None else None
-        if status is None and proctree.is_same_process(record.pid, record.start_ticks):
+        running, status = main_process(record)
+        if running:
             await self._take_over(job)
             return
         self._write_exit(job, status, None)

@@ -420,10 +420,35 @@ def _cmd_register(settings: Settings, args: argparse.Namespace) -> int:
         )
         if args.force:
             print(force_warning(settings.agent.hostname, done=True))
+    if settings.jobs.slurm_hosts:
+        _register_served(settings, token, force=args.force)
     config_path = getattr(args, "config", None) or default_config_path()
     if hint := reporter_token_hint(settings, config_path, args.token_file):
         print(hint)
     return 0
+
+
+def _register_served(settings: Settings, token: str, *, force: bool) -> None:
+    """Register the served host names (``jobs.slurm_hosts``) that have no registration yet
+    (all of them with ``--force``). Raises AgentError (exit 1) when one fails."""
+    from argus_agent.errors import AgentError
+    from argus_agent.jobs.slurm_cli import SlurmUnavailable
+    from argus_agent.servedhosts import register_configured, served_path
+
+    try:
+        names, made, failed = asyncio.run(register_configured(settings, token, force=force))
+    except SlurmUnavailable as exc:
+        raise AgentError(f"cannot list the served nodes: {exc}") from None
+    print(
+        f"served host names: {len(names)}; registered now: {len(made)}; saved to "
+        f"{served_path(settings.token_path)} (mode 0600)"
+    )
+    if failed:
+        first = next(iter(sorted(failed.items())))
+        raise AgentError(
+            f"{len(failed)} served host name(s) could not be registered, e.g. {first[0]}: "
+            f"{first[1]}; run `argus-agent register` again"
+        )
 
 
 def _cmd_status(settings: Settings, *, as_json: bool) -> int:

@@ -25,6 +25,8 @@ Tasks and threads, and who owns them::
     │                  open, else POST /api/events/batch
     ├── telemetry      Telemetry.run: sampler, log tailer, drop notices (one task each)
     ├── housekeeping   watchdog (only while ``health`` is good), STATUS=, reaping, pruning
+    ├── served hosts   ServedHostsPoller.run (jobs.slurm_hosts only): polls every served
+    │                  host name's registration, one task for all (channels/served.py)
     ├── job watchers   JobManager: one per job (shim exit, takeover of a job whose shim died);
     │                  jobs.launcher = "slurm": SlurmJobs' queue watcher and grace timers
     ├── job reports    JobManager / SlurmJobs: each job's end handed to telemetry
@@ -61,6 +63,7 @@ from argus_agent.backoff import Backoff
 from argus_agent.channels.auto import AutoChannel, make_channel
 from argus_agent.channels.base import Channel, sleep_unless
 from argus_agent.channels.poll import PollChannel
+from argus_agent.channels.served import ServedHostsPoller
 from argus_agent.config import ServerSettings, Settings
 from argus_agent.control import SOCKET_NAME, ControlServer
 from argus_agent.credentials import AgentCredentials, load_credentials
@@ -79,6 +82,7 @@ from argus_agent.outbox import Outbox
 from argus_agent.protocol import Command, MalformedCommand
 from argus_agent.registration import same_server
 from argus_agent.sender import EventSender
+from argus_agent.servedhosts import ServedRegistrations, served_path
 from argus_agent.snapshot import build_snapshot
 from argus_agent.status import AgentState
 from argus_agent.systemd import Notifier, watchdog_interval_s
@@ -154,6 +158,8 @@ class Agent:
         self.dispatcher: Dispatcher | None = None
         #: The command channel (``server.transport``: PollChannel or AutoChannel).
         self.channel: PollChannel | AutoChannel | None = None
+        #: Polls the served host names' registrations (``jobs.slurm_hosts``), else None.
+        self.served: ServedHostsPoller | None = None
         #: Progress of the long-running loops; the watchdog is fed only while all are healthy.
         self.health = Health(settings.agent.stall_timeout_s)
         self._reported_stuck: list[str] = []
@@ -285,6 +291,18 @@ class Agent:
         self.channel = channel
         if not isinstance(channel, PollChannel):
             self.sender.transport = channel  # events go over the websocket while it is open
+        if settings.jobs.slurm_hosts and isinstance(self.jobs, SlurmJobs):
+            self.served = ServedHostsPoller(
+                client,
+                dispatcher,
+                settings,
+                ServedRegistrations(served_path(settings.token_path)),
+                own_names=[settings.agent.hostname, *settings.agent.host_aliases],
+                user_token=reporter_token,
+                list_nodes=self.jobs.commands.node_names,
+                server_poll_interval_s=creds.poll_interval_s or 10.0,
+            )
+            self.served.health = self.health
         control = ControlServer(
             state_dir / SOCKET_NAME,
             self.snapshot,
@@ -352,6 +370,8 @@ class Agent:
             "telemetry": self.telemetry.run(shutdown),
             "sender": self.sender.run(shutdown),
         }
+        if self.served is not None:
+            loops["served_hosts"] = self.served.run(shutdown)
         tasks = {asyncio.create_task(coro, name=name): name for name, coro in loops.items()}
         serving.tasks = set(tasks)
         crashed: tuple[str, BaseException] | None = None

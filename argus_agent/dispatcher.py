@@ -179,6 +179,9 @@ class Dispatcher:
         self.agent_user = _user_name(self.agent_uid)
         #: Reruns refused because they were meant for another user (per-user agents).
         self.foreign_refusals = ForeignRefusals()
+        #: The compute-node names this agent serves besides its own (``jobs.slurm_hosts``;
+        #: kept current by the served-host poller): reruns of their batches pass the host check.
+        self.served_hosts: frozenset[str] = frozenset()
         self._checks: set[threading.Thread] = set()
         self._unackable: dict[tuple[str | None, str | None, str], None] = {}
 
@@ -219,8 +222,12 @@ class Dispatcher:
         if refusal is not None:
             raise PayloadError(refusal)
 
-    async def handle(self, item: Command | MalformedCommand, ack: AckFn) -> None:
-        """Act on one delivered command (unless done before) and ack its result.
+    async def handle(
+        self, item: Command | MalformedCommand, ack: AckFn, *, via: str | None = None
+    ) -> None:
+        """Act on one delivered command (unless done before) and ack its result. ``via``:
+        the served host name whose registration delivered it (None: this agent's own); its
+        pending ack is flushed through that registration only.
 
         Server errors from ``ack`` other than 409/404 propagate (the ack stays pending).
         """
@@ -236,25 +243,32 @@ class Dispatcher:
         entry = self.ledger.get(cmd_id) if cmd_id is not None else None
         if entry is not None and entry.phase == "acked":
             log.debug("command redelivered after ack; ignored", cmd_id=cmd_id)
-        await self._carry_out(on_delivery(entry, item, self._job(item.batch_id)), item, ack)
+        steps = on_delivery(entry, item, self._job(item.batch_id))
+        await self._carry_out(steps, item, ack, via)
 
-    async def flush_acks(self, ack: AckFn) -> None:
-        """Send every ack still pending in the ledger (e.g. after an outage or a restart)."""
+    async def flush_acks(self, ack: AckFn, *, via: str | None = None) -> None:
+        """Send every ack still pending in the ledger (e.g. after an outage or a restart)
+        for the commands delivered through ``via`` (None: this agent's own registration)."""
         for entry in self.ledger.pending_acks():
-            await self._send_ack(entry.cmd_id, ack)
+            if entry.via == via:
+                await self._send_ack(entry.cmd_id, ack)
 
     def _job(self, batch_id: str | None) -> JobRecord | None:
         return self.jobs.get(batch_id) if batch_id is not None else None
 
     async def _carry_out(
-        self, steps: tuple[Step, ...], item: Command | MalformedCommand, ack: AckFn
+        self,
+        steps: tuple[Step, ...],
+        item: Command | MalformedCommand,
+        ack: AckFn,
+        via: str | None,
     ) -> None:
         """Carry out the steps of the state machine for ``item``, in order."""
         cmd_id = item.id if isinstance(item, Command) else item.cmd_id
         for step in steps:
             if isinstance(step, Claim) and cmd_id is not None:
                 kind = item.kind if isinstance(item, Command) else "malformed"
-                if not self.ledger.begin(cmd_id, kind, item.batch_id):
+                if not self.ledger.begin(cmd_id, kind, item.batch_id, via):
                     await self._send_ack(cmd_id, ack)  # claimed meanwhile: its ack only
                     return
             elif isinstance(step, Act) and isinstance(item, Command):
@@ -262,7 +276,7 @@ class Dispatcher:
                 follow = on_outcome(
                     item.kind, item.id, item.batch_id, outcome, self._job(item.batch_id)
                 )
-                await self._carry_out(follow, item, ack)
+                await self._carry_out(follow, item, ack, via)
             elif isinstance(step, Refuse) and isinstance(item, MalformedCommand):
                 self._refuse_malformed(item)
             elif isinstance(step, ReportRefusal):
@@ -348,6 +362,7 @@ class Dispatcher:
             running_jobs=len(self.jobs.running()),
             home=self.home,
             agent_account=self.agent_account,
+            served_hosts=self.served_hosts,
             **await self._recorded_owner(command),
         )
         try:

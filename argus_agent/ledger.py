@@ -63,9 +63,26 @@ CREATE TABLE IF NOT EXISTS commands (
     error       TEXT,
     received_at REAL NOT NULL,
     acked_at    REAL,
-    ack_note    TEXT
+    ack_note    TEXT,
+    via         TEXT
 );
 """
+#: The columns every ledger has had; ``via`` came with served host names (added to older
+#: files on open). A damaged ledger is salvaged by these (its rows' ``via`` is lost: their
+#: acks then go through this agent's own registration).
+BASE_COLUMNS = (
+    "cmd_id",
+    "kind",
+    "batch_id",
+    "phase",
+    "ack_status",
+    "pid",
+    "error",
+    "received_at",
+    "acked_at",
+    "ack_note",
+)
+_SELECT = f"SELECT {', '.join(BASE_COLUMNS)}, via FROM commands"
 
 
 def _storable(text: str | None) -> str | None:
@@ -89,6 +106,8 @@ class LedgerEntry:
     received_at: float
     acked_at: float | None
     ack_note: str | None
+    #: The served host name whose registration delivered it (None: this agent's own).
+    via: str | None = None
 
 
 class CommandLedger:
@@ -128,7 +147,7 @@ class CommandLedger:
         copied, kept = swap_in_salvage(
             self.path,
             SCHEMA,
-            (("commands", None),),
+            (("commands", BASE_COLUMNS),),
             what="command ledger",
             damage=exc,
             open_error=self._open_error,
@@ -157,19 +176,16 @@ class CommandLedger:
 
     def get(self, cmd_id: str) -> LedgerEntry | None:
         """The entry for ``cmd_id``, or None when this host never saw it."""
-        row = self._db.execute(
-            "SELECT cmd_id, kind, batch_id, phase, ack_status, pid, error, received_at,"
-            " acked_at, ack_note FROM commands WHERE cmd_id = ?",
-            (cmd_id,),
-        ).fetchone()
+        row = self._db.execute(f"{_SELECT} WHERE cmd_id = ?", (cmd_id,)).fetchone()
         return LedgerEntry(*row) if row else None
 
-    def begin(self, cmd_id: str, kind: str, batch_id: str | None) -> bool:
-        """Claim ``cmd_id`` for acting (phase ``acting``); False if it was claimed before."""
+    def begin(self, cmd_id: str, kind: str, batch_id: str | None, via: str | None = None) -> bool:
+        """Claim ``cmd_id`` for acting (phase ``acting``); False if it was claimed before.
+        ``via``: the served host name whose registration delivered it (None: our own)."""
         cursor = self._db.execute(
-            "INSERT OR IGNORE INTO commands (cmd_id, kind, batch_id, phase, received_at)"
-            " VALUES (?, ?, ?, 'acting', ?)",
-            (cmd_id, _storable(kind), _storable(batch_id), time.time()),
+            "INSERT OR IGNORE INTO commands (cmd_id, kind, batch_id, phase, received_at, via)"
+            " VALUES (?, ?, ?, 'acting', ?, ?)",
+            (cmd_id, _storable(kind), _storable(batch_id), time.time(), via),
         )
         return cursor.rowcount == 1
 
@@ -192,10 +208,7 @@ class CommandLedger:
 
     def pending_acks(self) -> list[LedgerEntry]:
         """Entries whose result is known but whose ack has not reached the server, oldest first."""
-        rows = self._db.execute(
-            "SELECT cmd_id, kind, batch_id, phase, ack_status, pid, error, received_at,"
-            " acked_at, ack_note FROM commands WHERE phase = 'to_ack' ORDER BY received_at"
-        ).fetchall()
+        rows = self._db.execute(f"{_SELECT} WHERE phase = 'to_ack' ORDER BY received_at").fetchall()
         return [LedgerEntry(*row) for row in rows]
 
     def counts(self) -> dict[str, int]:
@@ -223,6 +236,8 @@ def _connect(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.executescript(SCHEMA)
+        if "via" not in {row[1] for row in db.execute("PRAGMA table_info(commands)")}:
+            db.execute("ALTER TABLE commands ADD COLUMN via TEXT")  # a ledger from before it
         problems = [str(row[0]) for row in db.execute("PRAGMA quick_check").fetchall()]
         if problems != ["ok"]:
             raise DamagedDatabaseError("; ".join(problems[:3]))

@@ -171,6 +171,8 @@ def apply_plan(agent: Agent, plan: ReloadPlan) -> None:
         agent.sender.backoff.cap = settings.agent.backoff_max_s
     if agent.dispatcher is not None:
         agent.dispatcher.apply_settings(settings)
+    if agent.served is not None:
+        agent.served.apply_settings(settings)
     if agent.jobs is not None:
         agent.jobs.settings = settings.jobs
     if agent.telemetry is not None and any(k.startswith("telemetry.") for k in plan.applied):

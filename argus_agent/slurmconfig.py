@@ -104,32 +104,34 @@ SLURM_COMMAND_TIMEOUT_S = Field(
 )
 SLURM_HOSTS = Field(
     default_factory=list,
-    # The only value accepted today is the empty list (see NOT_BUILT).
-    examples=[[]],
-    description="Serving several compute-node host names from one agent is not built in this "
-    "agent version: setting this is refused. For now run one agent per host name (its own "
-    "agent.state_dir and agent.hostname) on the login node (docs/slurm.md).",
+    examples=[["gpu-node-01", "gpu-node-02"], ["*"]],
+    description="Compute-node host names this agent serves besides agent.hostname (only with "
+    'launcher = "slurm"): each gets a registration of its own with the server, all polled '
+    'by this one daemon. ["*"]: every node sinfo reports (in slurm_partitions when set), '
+    "looked up again every 10 minutes. Empty: only agent.hostname.",
 )
 SLURM_PARTITIONS = Field(
     default_factory=list,
-    # The only value accepted today is the empty list (see NOT_BUILT).
-    examples=[[]],
-    description="Goes with slurm_hosts (limit the served nodes to these partitions); not "
-    "built in this agent version either: setting it is refused.",
+    examples=[["gpu", "gpu-long"]],
+    description='With slurm_hosts = ["*"]: serve only the nodes of these partitions. '
+    "Empty: the nodes of every partition.",
 )
 
-NOT_BUILT = (
-    "serving several host names from one agent is not supported by this agent version; run "
-    "one agent per host name (its own agent.state_dir and agent.hostname), see docs/slurm.md"
-)
+#: A host name as Argus records it (socket.gethostname()) and Slurm names nodes.
+HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}$")
+#: More served names than this is a mistake (a node list pasted whole, say).
+MAX_HOSTS = 10_000
+EVERY_NODE = "*"
 
 
 def check(values: Any) -> None:
     """Check the Slurm keys of a JobSettings; raises ValueError naming the key."""
-    if values.slurm_hosts:
-        raise ValueError(f"slurm_hosts: {NOT_BUILT}")
-    if values.slurm_partitions:
-        raise ValueError(f"slurm_partitions: {NOT_BUILT}")
+    _check_hosts(values.slurm_hosts, values.launcher)
+    for name in values.slurm_partitions:
+        if not PARTITION_RE.match(name):
+            raise ValueError(f"slurm_partitions: {name[:80]!r} is not a Slurm partition name")
+    if values.slurm_partitions and values.slurm_hosts != [EVERY_NODE]:
+        raise ValueError('slurm_partitions: only with slurm_hosts = ["*"] (every node of them)')
     if values.slurm_partition is not None and not PARTITION_RE.match(values.slurm_partition):
         raise ValueError("slurm_partition: expected a Slurm partition name")
     if values.slurm_time_limit is not None and not TIME_RE.match(values.slurm_time_limit):
@@ -147,3 +149,21 @@ def check(values: Any) -> None:
             raise ValueError("slurm_output_dir: expected an absolute directory path")
         if "%" in str(out) or "\\" in str(out):
             raise ValueError("slurm_output_dir: Slurm reads % and \\ in output paths as patterns")
+
+
+def _check_hosts(hosts: list[str], launcher: str) -> None:
+    if not hosts:
+        return
+    if EVERY_NODE in hosts and len(hosts) > 1:
+        raise ValueError('slurm_hosts: "*" (every node sinfo reports) stands alone')
+    if len(hosts) > MAX_HOSTS:
+        raise ValueError(f"slurm_hosts: {len(hosts)} names; at most {MAX_HOSTS}")
+    seen: set[str] = set()
+    for name in hosts:
+        if name != EVERY_NODE and not HOST_RE.match(name):
+            raise ValueError(f"slurm_hosts: {name[:80]!r} is not a host name")
+        if name.casefold() in seen:
+            raise ValueError(f"slurm_hosts: {name!r} is listed twice")
+        seen.add(name.casefold())
+    if launcher != "slurm":
+        raise ValueError('slurm_hosts: only with launcher = "slurm"')

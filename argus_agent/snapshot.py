@@ -84,6 +84,13 @@ def build_snapshot(agent: Agent) -> dict[str, Any]:
     data["slurm"] = agent.jobs.status() if isinstance(agent.jobs, SlurmJobs) else None
     if data["slurm"] and data["slurm"]["queue_error"]:
         data["warnings"].append(f"cannot read the Slurm queue: {data['slurm']['queue_error']}")
+    # The served host names' registrations (jobs.slurm_hosts), else null.
+    served = getattr(agent, "served", None)
+    data["served_hosts"] = served.snapshot() if served is not None else None
+    if data["served_hosts"] and (bad := data["served_hosts"]["problem_count"]):
+        data["warnings"].append(
+            f"{bad} served host name(s) not polled successfully (served_hosts.problems)"
+        )
     return data
 
 

@@ -105,6 +105,13 @@ def health_verdict(doc: Mapping[str, Any]) -> Verdict:
         )
     if quarantined := damaged.get("quarantined_jobs"):
         reasons.append(f"{len(quarantined)} damaged job record(s) quarantined")
+    served = doc.get("served_hosts") or {}
+    if bad := served.get("problem_count"):
+        first = (served.get("problems") or [{}])[0]
+        reasons.append(
+            f"{bad} served host name(s) not served, e.g. {first.get('hostname')} "
+            f"({first.get('state')}: {first.get('error')})"
+        )
     return Verdict(DEGRADED if reasons else HEALTHY, tuple(reasons))
 
 

@@ -74,6 +74,7 @@ def _spec(
     account: str | None = "alice",
     batch_owner: str | None = AUTO,
     batch_read: bool | None = None,
+    served: frozenset[str] = frozenset(),
     **jobs: object,
 ):
     """Build a spec as the agent of ``uid`` would. ``batch_owner`` is the OS user the server
@@ -99,6 +100,7 @@ def _spec(
             running_jobs=running,
             home=Path("/"),
             agent_account=account,
+            served_hosts=served,
             batch_owner=BatchOwner(batch_owner, "batch") if batch_owner else None,
             batch_read=batch_owner is not None if batch_read is None else batch_read,
         ),
@@ -168,6 +170,15 @@ def test_system_agent_default_run_as_and_default_cwd_is_the_users_home(open_dir)
 
 def test_host_alias_is_accepted_case_insensitively() -> None:
     assert _spec({"host": "GPU-01.LAB", "cwd": "/"}, uid=1500).cwd == Path("/")
+
+
+def test_a_served_host_name_passes_the_host_check_and_no_other_does() -> None:
+    """A Slurm login-node agent serves compute-node names (jobs.slurm_hosts): their batches
+    pass; a batch of a name it does not serve is refused, whoever delivered it."""
+    served = frozenset({"node-a", "node-b"})
+    assert _spec({"host": "Node-B", "cwd": "/"}, uid=1500, served=served).cwd == Path("/")
+    with pytest.raises(PayloadError, match="batch ran on host 'node-c', not on this host"):
+        _spec({"host": "node-c", "cwd": "/"}, uid=1500, served=served)
 
 
 def test_command_just_within_limits_passes() -> None:

@@ -300,8 +300,13 @@ def test_the_job_s_files_are_read_only_when_they_are_regular_files_of_the_job_s_
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
-        ("ARGUS_AGENT_JOBS_SLURM_HOSTS", '["node1"]', "not supported by this agent version"),
-        ("ARGUS_AGENT_JOBS_SLURM_PARTITIONS", '["gpu"]', "not supported by this agent version"),
+        ("ARGUS_AGENT_JOBS_SLURM_HOSTS", '["n1", "N1"]', "'N1' is listed twice"),
+        ("ARGUS_AGENT_JOBS_SLURM_HOSTS", '["*", "n1"]', '"*" (every node sinfo reports) stands'),
+        ("ARGUS_AGENT_JOBS_SLURM_HOSTS", '["n1 --uid=0"]', "'n1 --uid=0' is not a host name"),
+        ("ARGUS_AGENT_JOBS_SLURM_HOSTS", '["-n1"]', "'-n1' is not a host name"),
+        ("ARGUS_AGENT_JOBS_SLURM_HOSTS", '["n1"]', 'only with launcher = "slurm"'),
+        ("ARGUS_AGENT_JOBS_SLURM_PARTITIONS", '["gpu"]', 'only with slurm_hosts = ["*"]'),
+        ("ARGUS_AGENT_JOBS_SLURM_PARTITIONS", '["g,pu"]', "'g,pu' is not a Slurm partition"),
         ("ARGUS_AGENT_JOBS_SLURM_EXTRA_ARGS", '["--uid=0"]', "--uid is set by the agent"),
         ("ARGUS_AGENT_JOBS_SLURM_EXTRA_ARGS", '["-o/tmp/x"]', "-o is set by the agent"),
         ("ARGUS_AGENT_JOBS_SLURM_PARTITION", "a b", "expected a Slurm partition name"),

@@ -36,7 +36,13 @@ from tests.support import ArgusUser, RunningAgent, agent_env, cli, eventually, r
 
 STATUS_DOC = Path(__file__).parents[1] / "docs" / "status.md"
 #: Objects of the document whose keys are data (phases, kinds, loop names), not fields.
-MAPS = {"commands", "health.overdue", "telemetry.dropped", "telemetry.lost"}
+MAPS = {
+    "commands",
+    "health.overdue",
+    "telemetry.dropped",
+    "telemetry.lost",
+    "served_hosts.states",
+}
 FAST = {"interval_s": 0.5, "log_poll_s": 0.1}
 
 

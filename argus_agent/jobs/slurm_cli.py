@@ -1,14 +1,14 @@
 """Slurm's commands as the agent runs them, and what they print, parsed.
 
-:class:`SlurmCommands` runs ``sbatch``, ``squeue``, ``scontrol``, ``scancel``, ``sacct`` and
-``sstat`` (found on the agent's ``PATH`` at start-up) as asyncio subprocesses, each in a
-session of its own and under ``jobs.slurm_command_timeout_s``: one that takes longer (a
-slurmctld that does not answer) is killed with its whole process group and reported as
-:class:`SlurmUnavailable`. They run with a small fixed environment (``PATH``, ``LC_ALL=C``
-for stable output, and the agent's ``SLURM_CONF`` if it has one), never a job's: sbatch
-reads ``SBATCH_*`` variables as options, and a recorded environment must not choose those.
-``as_user`` runs a command as another OS user through ``runuser -u USER --`` (a system agent
-submitting for a batch's owner; Slurm's ``sbatch --uid`` is never used).
+:class:`SlurmCommands` runs ``sbatch``, ``squeue``, ``scontrol``, ``scancel``, ``sacct``,
+``sstat`` and ``sinfo`` (found on the agent's ``PATH`` at start-up) as asyncio subprocesses,
+each in a session of its own and under ``jobs.slurm_command_timeout_s``: one that takes
+longer (a slurmctld that does not answer) is killed with its whole process group and
+reported as :class:`SlurmUnavailable`. They run with a small fixed environment (``PATH``,
+``LC_ALL=C`` for stable output, and the agent's ``SLURM_CONF`` if it has one), never a
+job's: sbatch reads ``SBATCH_*`` variables as options, and a recorded environment must not
+choose those. ``as_user`` runs a command as another OS user through ``runuser -u USER --``
+(a system agent submitting for a batch's owner; Slurm's ``sbatch --uid`` is never used).
 
 The parsers are pure functions of the text: ``squeue -o '%i|%T|%P|%N|%r'``, ``scontrol -o
 show job``, ``sacct -P``, ``sstat -P`` and Slurm's ``ExitCode`` (``exit:signal``).
@@ -29,7 +29,7 @@ from argus_agent.logsetup import get_logger
 
 log = get_logger(__name__)
 
-PROGRAMS = ("sbatch", "squeue", "scontrol", "scancel", "sacct", "sstat")
+PROGRAMS = ("sbatch", "squeue", "scontrol", "scancel", "sacct", "sstat", "sinfo")
 #: Where runuser lives when the agent's PATH lacks the sbin directories.
 SBIN_PATH = "/usr/sbin:/sbin"
 SQUEUE_FORMAT = "%i|%T|%P|%N|%r"
@@ -221,6 +221,17 @@ class SlurmCommands:
         if not term:
             argv.append(str(job_id))
         return await self.run(argv, as_user=as_user)
+
+    async def node_names(self, partitions: Sequence[str] = ()) -> list[str]:
+        """The names of the cluster's nodes (of ``partitions``, when given), sorted, each
+        once, as ``sinfo -N`` lists them. Raises SlurmUnavailable when sinfo fails."""
+        argv = ["sinfo", "-h", "-N", "-o", "%N"]
+        if partitions:
+            argv += ["-p", ",".join(partitions)]
+        result = await self.run(argv)
+        if result.rc != 0:
+            raise SlurmUnavailable(f"sinfo: {result.message()}")
+        return sorted({line.strip() for line in result.out.splitlines() if line.strip()})
 
     async def jobs_with_comment(self, user: str, comment: str) -> list[int]:
         """Ids of ``user``'s jobs whose comment is ``comment`` (a submission whose answer

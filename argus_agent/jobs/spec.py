@@ -67,6 +67,8 @@ class HostFacts:
     home: Path
     #: The Argus account that registered this agent (per-user agents serve only it).
     agent_account: str | None = None
+    #: The compute-node names a Slurm login-node agent serves besides its own.
+    served_hosts: frozenset[str] = frozenset()
     #: The OS user Argus recorded for the batch, as read from the server (None: none).
     batch_owner: BatchOwner | None = None
     #: Whether the batch could be read from the server at all; only when it could not is
@@ -105,7 +107,11 @@ def build_launch_spec(
     raw_command = policy.check_command(payload.get("command"))
     overrides = policy.check_overrides(payload.get("overrides"))
     env_payload, dropped = policy.check_env(payload.get("env"), jobs.env_deny)
-    policy.check_host(payload.get("host"), settings.agent.hostname, settings.agent.host_aliases)
+    policy.check_host(
+        payload.get("host"),
+        settings.agent.hostname,
+        [*settings.agent.host_aliases, *facts.served_hosts],
+    )
     argv, command_line = cmdline.build_argv(jobs.shell, raw_command, overrides)
     requested_by = payload.get("requested_by")
     owner = facts.batch_owner if facts.batch_read else policy.owner_from_env(payload.get("env"))

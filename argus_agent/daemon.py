@@ -303,6 +303,10 @@ class Agent:
                 server_poll_interval_s=creds.poll_interval_s or 10.0,
             )
             self.served.health = self.health
+            self.served.adopt_saved()
+            if isinstance(channel, AutoChannel):  # one websocket announces every name
+                channel.served = self.served.announced
+                self.served.covered = channel.covered
         control = ControlServer(
             state_dir / SOCKET_NAME,
             self.snapshot,

@@ -141,6 +141,20 @@ class RunningJob(_Message):
     state: Literal["launching", "running", "stopping"]
 
 
+def _empty(value: Any) -> bool:
+    """Optional fields are left out of a frame when empty (a v1 peer that predates them
+    then sees the frame it knows)."""
+    return value is None or value == []
+
+
+class ServedName(_Message):
+    """A host name the agent serves besides its own, through that name's registration
+    (``jobs.slurm_hosts``: a Slurm login node serving compute nodes)."""
+
+    agent_id: SafeId
+    hostname: str = Field(min_length=1, max_length=255)
+
+
 class Hello(_Message):
     """The agent's first message: who it is and what it already has."""
 
@@ -152,6 +166,9 @@ class Hello(_Message):
     running_jobs: list[RunningJob] = Field(max_length=10_000)
     #: The highest events seq the agent knows the server confirmed (None: none yet).
     last_confirmed_seq: Seq | None
+    #: Registrations this connection also serves (optional; left out when none): the
+    #: server pushes their commands here too, and counts them alive while it is open.
+    serves: list[ServedName] = Field(default_factory=list, max_length=10_000, exclude_if=_empty)
 
 
 class Ack(_Message):
@@ -215,6 +232,9 @@ class Welcome(_Message):
     max_message_bytes: Annotated[int, Field(strict=True, ge=MIN_MESSAGE_BYTES, le=2**53)] = (
         MAX_EVENTS_FRAME_BYTES
     )
+    #: The agent ids of hello's ``serves`` the server accepted (optional; left out when
+    #: none). The agent polls the others as before.
+    serving: list[SafeId] = Field(default_factory=list, max_length=10_000, exclude_if=_empty)
 
 
 class CommandMsg(_Message):
@@ -226,15 +246,18 @@ class CommandMsg(_Message):
     batch_id: BatchId
     payload: dict[str, Any] = Field(default_factory=dict)
     created_at: str | None = None
+    #: For a served name's command: that registration's agent id (one of welcome's
+    #: ``serving``); left out for the connection's own agent.
+    agent_id: SafeId | None = Field(default=None, exclude_if=_empty)
 
     @classmethod
-    def from_command(cls, command: Command) -> CommandMsg:
-        """The frame pushing a REST command."""
-        return cls(**command.model_dump())
+    def from_command(cls, command: Command, agent_id: str | None = None) -> CommandMsg:
+        """The frame pushing a REST command (of the served registration ``agent_id``)."""
+        return cls(**command.model_dump(), agent_id=agent_id)
 
     def to_command(self) -> Command:
         """The command as the dispatcher takes it (the same object a poll yields)."""
-        return Command.model_validate(self.model_dump(exclude={"type"}))
+        return Command.model_validate(self.model_dump(exclude={"type", "agent_id"}))
 
 
 AckResultKind = Literal["ok", "conflict", "not_found", "invalid"]

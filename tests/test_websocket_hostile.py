@@ -32,8 +32,12 @@ class TinyServer:
     """A websockets server speaking argus-agent.v1 as the test's ``session`` coroutine says:
     ``session(ws, n)`` runs for the n-th connection (from 0), after the hello was read."""
 
-    def __init__(self, session: Callable[[ServerConnection, int], Any]) -> None:
+    def __init__(
+        self, session: Callable[[ServerConnection, int], Any], serving: list[str] | None = None
+    ) -> None:
         self.session = session
+        #: The served names' agent ids the welcome accepts.
+        self.serving = serving or []
         self.connections = 0
         self.hellos: list[dict[str, Any]] = []
         self.close_codes: dict[int, int | None] = {}
@@ -43,7 +47,7 @@ class TinyServer:
         n = self.connections
         self.connections += 1
         self.hellos.append(json.loads(await ws.recv()))
-        welcome = wsproto.Welcome(server_version="tiny", confirmed_seq=None)
+        welcome = wsproto.Welcome(server_version="tiny", confirmed_seq=None, serving=self.serving)
         await ws.send(wsproto.encode_frame(welcome))
         with contextlib.suppress(Exception):
             await self.session(ws, n)
@@ -68,8 +72,11 @@ class TinyServer:
 
 
 @contextlib.asynccontextmanager
-async def _channel(url: str, tmp_path: Path) -> AsyncIterator[tuple[AutoChannel, Dispatcher]]:
-    """An AutoChannel (``websocket`` mode) with a real dispatcher, running until the end."""
+async def _channel(
+    url: str, tmp_path: Path, served: dict[str, str] | None = None
+) -> AsyncIterator[tuple[AutoChannel, Dispatcher]]:
+    """An AutoChannel (``websocket`` mode) with a real dispatcher, running until the end;
+    ``served``: the served names' registrations it announces (agent id → host name)."""
     settings = settings_for(url, tmp_path, server={"transport": "websocket", "timeout_s": 1.0})
     state_dir = settings.agent.state_dir
     state_dir.mkdir(parents=True)
@@ -82,6 +89,7 @@ async def _channel(url: str, tmp_path: Path) -> AsyncIterator[tuple[AutoChannel,
     channel = AutoChannel(
         "websocket", client, creds, dispatcher, state, agent, server_poll_interval_s=1.0
     )
+    channel.served = lambda: dict(served or {})
     shutdown = asyncio.Event()
     task = asyncio.create_task(channel.run(shutdown))
     try:
@@ -215,8 +223,49 @@ async def test_an_ack_without_its_ack_result_is_sent_again_on_the_next_connectio
     assert acks[0][1] == acks[1][1]
 
 
-def _command(cmd_id: str, kind: str, batch_id: str) -> str:
-    message = wsproto.CommandMsg(id=cmd_id, kind=kind, batch_id=batch_id, payload={})
+async def test_a_command_for_a_registration_not_served_here_is_refused_unacted(
+    tmp_path: Path,
+) -> None:
+    """Served names (jobs.slurm_hosts) announced in hello: a command for one the server
+    accepted is acted on as that name's (its pending ack goes through that registration); a
+    command for an agent id the agent never announced, or one the server did not accept,
+    gets an error frame and is never acted on."""
+    errors: list[dict[str, Any]] = []
+
+    async def session(ws: ServerConnection, n: int) -> None:
+        await ws.send(_command("c-foreign", "stop", "b-1", agent_id="agent-stranger1"))
+        await ws.send(_command("c-refused", "stop", "b-2", agent_id="agent-refused01"))
+        await ws.send(_command("c-served", "stop", "b-3", agent_id="agent-served001"))
+        async for raw in ws:
+            message = json.loads(raw)
+            if message["type"] == "error":
+                errors.append(message)
+            elif message["type"] == "ack":
+                await ws.send(_ack_result(message["cmd_id"], "ok"))
+
+    served = {"agent-served001": "gpu-a", "agent-refused01": "gpu-b"}
+    tiny = TinyServer(session, serving=["agent-served001"])
+    async with tiny.running(), _channel(tiny.url, tmp_path, served) as (_, dispatcher):
+        await eventually(lambda: len(errors) == 2, what="two error frames")
+        await eventually(
+            lambda: (e := dispatcher.ledger.get("c-served")) is not None and e.phase == "acked",
+            what="the served name's command acked",
+        )
+        assert dispatcher.ledger.get("c-served").via == "gpu-a"
+        assert dispatcher.ledger.get("c-foreign") is None
+        assert dispatcher.ledger.get("c-refused") is None
+    assert tiny.hellos[0]["serves"] == [
+        {"agent_id": "agent-refused01", "hostname": "gpu-b"},
+        {"agent_id": "agent-served001", "hostname": "gpu-a"},
+    ]
+    assert sorted(e["ref"] for e in errors) == ["c-foreign", "c-refused"]
+    assert all(e["code"] == "bad_field" and "not served here" in e["reason"] for e in errors)
+
+
+def _command(cmd_id: str, kind: str, batch_id: str, agent_id: str | None = None) -> str:
+    message = wsproto.CommandMsg(
+        id=cmd_id, kind=kind, batch_id=batch_id, payload={}, agent_id=agent_id
+    )
     return wsproto.encode_frame(message)
 
 

@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from argus_agent import __version__, wsproto
@@ -98,9 +98,14 @@ def make_channel(
 
 
 def make_hello(
-    agent_id: str, hostname: str, dispatcher: Dispatcher, seqs: SeqCounter
+    agent_id: str,
+    hostname: str,
+    dispatcher: Dispatcher,
+    seqs: SeqCounter,
+    serves: Mapping[str, str] | None = None,
 ) -> wsproto.Hello:
-    """The hello of this agent: its jobs that have not ended and the last confirmed seq."""
+    """The hello of this agent: its jobs that have not ended, the last confirmed seq, and
+    the served names' registrations (``serves``: agent id → host name)."""
     running = [
         wsproto.RunningJob(batch_id=r.batch_id, pid=r.pid, state=r.state)  # type: ignore[arg-type]
         for r in dispatcher.jobs.records()
@@ -113,6 +118,10 @@ def make_hello(
         capabilities=[*sorted(KNOWN_KINDS), "events"],
         running_jobs=running[:10_000],
         last_confirmed_seq=seqs.confirmed or None,
+        serves=[
+            wsproto.ServedName(agent_id=agent_id, hostname=name)
+            for agent_id, name in sorted((serves or {}).items())
+        ][:10_000],
     )
 
 
@@ -171,6 +180,9 @@ class AutoChannel:
         state.poll_interval_s = self.poll.interval
         #: Sessions opened (for tests and the log).
         self.sessions = 0
+        #: The served names' registrations to announce in hello (agent id → host name;
+        #: set by the daemon when it serves names, see channels/served.py).
+        self.served: Callable[[], dict[str, str]] = dict
 
     @property
     def health(self) -> Health:
@@ -262,7 +274,10 @@ class AutoChannel:
             return min(delay, max(0.0, self._probe_at - time.monotonic())), (
                 self.poll.state.state == "auth_rejected"
             )
-        hello = make_hello(self.creds.agent_id, self.settings.hostname, self.dispatcher, self.seqs)
+        announced = self.served()
+        hello = make_hello(
+            self.creds.agent_id, self.settings.hostname, self.dispatcher, self.seqs, announced
+        )
         try:
             ws, welcome = await open_session(
                 self.client.base_url,
@@ -286,8 +301,23 @@ class AutoChannel:
             answer_timeout_s=self.client.deadline_s,
             on_contact=self._contact,
             on_down=self._down,
+            serving={i: announced[i] for i in welcome.serving if i in announced},
         )
+        if len(session.serving) < len(announced):
+            log.info(
+                "the server did not accept every served name on the websocket; the others "
+                "are polled",
+                announced=len(announced),
+                accepted=len(session.serving),
+            )
         return await self._serve(session, shutdown)
+
+    def covered(self) -> frozenset[str]:
+        """The served names whose commands the open websocket carries now."""
+        session = self.session
+        if session is None or not session.open:
+            return frozenset()
+        return frozenset(session.serving.values())
 
     async def _serve(
         self, session: WebSocketSession, shutdown: asyncio.Event

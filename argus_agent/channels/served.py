@@ -147,7 +147,14 @@ class ServedHostsPoller:
             if now >= self._next_refresh:
                 await self.refresh()
             covered = self.covered()
-            due = [s for name, s in self.hosts.items() if s.next_due <= now and name not in covered]
+            due = []
+            for name, state in self.hosts.items():
+                if state.next_due > now:
+                    continue
+                if name in covered:  # its commands come on the websocket; keep its phase
+                    state.next_due += self.interval
+                else:
+                    due.append(state)
             if due:
                 await asyncio.gather(*(self._poll(state) for state in due))
             wait = (
@@ -163,6 +170,24 @@ class ServedHostsPoller:
                 break
 
     # -- names and registrations --------------------------------------------------------
+
+    def adopt_saved(self) -> None:
+        """Serve the names registered earlier (``served_hosts.json``) right away, before the
+        first ``refresh`` (so that the websocket's first hello announces them); no network,
+        no sinfo. A file that cannot be read is left to ``refresh`` to report."""
+        try:
+            known = self.registrations.load(self.client.base_url)
+        except AgentError as exc:
+            log.warning("cannot read the served-host registrations", error=str(exc))
+            return
+        names = sorted(known)
+        if self.settings.jobs.slurm_hosts != ["*"]:
+            names = [name for name in names if name in self.settings.jobs.slurm_hosts]
+        self._adopt(names, known, {})
+
+    def announced(self) -> dict[str, str]:
+        """The registrations to announce on the websocket: agent id → host name."""
+        return {state.host.agent_id: name for name, state in self.hosts.items()}
 
     async def refresh(self) -> None:
         """Decide the served names again, register new ones, pick up rotated tokens."""

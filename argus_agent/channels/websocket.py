@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +65,15 @@ _FLUSH = object()
 
 
 @dataclass
+class _Queued:
+    """A command for the worker, and the served name whose registration it is for (None:
+    this agent's own)."""
+
+    command: Command | MalformedCommand
+    via: str | None
+
+
+@dataclass(frozen=True)
 class SessionEnd:
     """How a session ended: the close code and reason, and who closed it."""
 
@@ -114,8 +123,12 @@ class WebSocketSession:
         answer_timeout_s: float,
         on_contact: Callable[[float], None] | None = None,
         on_down: Callable[[str], None] | None = None,
+        serving: Mapping[str, str] | None = None,
     ) -> None:
         self.ws = ws
+        #: The served names' registrations the server accepted (welcome's ``serving``):
+        #: agent id → host name. Their commands come here too, tagged with the agent id.
+        self.serving: Mapping[str, str] = serving or {}
         #: Told the last contact (every tick), and once, the moment the connection stops
         #: being usable (e.g. a pong timed out: before the close handshake has timed out too).
         self.on_down = on_down
@@ -128,7 +141,7 @@ class WebSocketSession:
         self.opened_at = time.monotonic()
         #: The largest events frame the server takes (bytes).
         self.max_frame_bytes = min(welcome.max_message_bytes, wsproto.MAX_EVENTS_FRAME_BYTES)
-        self._queue: asyncio.Queue[Command | MalformedCommand | object | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Queued | object | None] = asyncio.Queue()
         self._acks: dict[str, asyncio.Future[wsproto.AckResult]] = {}
         self._confirms: dict[int, asyncio.Future[wsproto.Confirm]] = {}
         self._bad_frames: deque[float] = deque()
@@ -190,7 +203,23 @@ class WebSocketSession:
         message = wsproto.decode_frame(raw, wsproto.Direction.TO_AGENT)
         if isinstance(message, wsproto.CommandMsg):
             self.commands_received += 1
-            self._queue.put_nowait(message.to_command())
+            via = self.serving.get(message.agent_id) if message.agent_id is not None else None
+            if message.agent_id is not None and via is None:
+                # Never acted on: not this agent's, nor a name it announced and had accepted.
+                log.warning(
+                    "command for a registration this connection does not serve",
+                    cmd_id=message.id,
+                    agent_id=message.agent_id,
+                )
+                await self._send_error(
+                    wsproto.ErrorMsg(
+                        code=wsproto.ErrorCode.BAD_FIELD,
+                        reason=f"command.agent_id {message.agent_id} is not served here",
+                        ref=message.id,
+                    )
+                )
+                return
+            self._queue.put_nowait(_Queued(message.to_command(), via))
         elif isinstance(message, wsproto.AckResult):
             future = self._acks.get(message.cmd_id)
             if future is not None and not future.done():
@@ -249,7 +278,7 @@ class WebSocketSession:
             type=error.msg_type,
         )
         if error.command is not None:
-            self._queue.put_nowait(error.command)
+            self._queue.put_nowait(_Queued(error.command, None))
         elif error.msg_type in ("ack_result", "confirm") and error.ref is not None:
             self._fail_ref(error.ref, f"unreadable {error.msg_type}: {error.reason}")
         reply = error.reply()
@@ -302,11 +331,11 @@ class WebSocketSession:
                 if self._ack_failed:
                     await self._flush_acks()
                 continue
-            assert isinstance(item, Command | MalformedCommand)
+            assert isinstance(item, _Queued)
             self.health.report("channel")
             self._busy = True
             try:
-                await self.dispatcher.handle(item, self.ack)
+                await self.dispatcher.handle(item.command, self.ack, via=item.via)
             except ServerError as exc:
                 self._ack_failed = True
                 log.warning("ack failed; it stays pending and is sent again", error=str(exc))
@@ -319,8 +348,9 @@ class WebSocketSession:
         if not self.open:
             return
         self._ack_failed = False
-        try:
-            await self.dispatcher.flush_acks(self.ack)
+        try:  # an ack names its cmd_id: the server knows which registration's it is
+            for via in (None, *self.serving.values()):
+                await self.dispatcher.flush_acks(self.ack, via=via)
         except ServerError as exc:
             self._ack_failed = True
             log.warning("pending acks not sent; they are sent again", error=str(exc))

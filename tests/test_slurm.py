@@ -4,9 +4,9 @@ SIGKILLed), real users.
 
 Rerun through sbatch with the resources of a recorded snapshot; as the batch's owner through
 runuser; stop of a running and of a pending job; the end states Slurm reports (COMPLETED,
-FAILED, OUT_OF_MEMORY, CANCELLED) and the end learned from the job's exit file once Slurm has
-forgotten it; a submission Slurm rejects; re-adoption after the agent was killed; recorded
-SLURM_* values that try to smuggle sbatch options in.
+FAILED, OUT_OF_MEMORY, CANCELLED, TIMEOUT) and the end learned from the job's exit file once
+Slurm has forgotten it; a submission Slurm rejects; re-adoption after the agent was killed;
+recorded SLURM_* values that try to smuggle sbatch options in.
 """
 
 from __future__ import annotations
@@ -309,7 +309,11 @@ async def test_stop_of_a_pending_job_cancels_it(
 async def test_end_states_are_reported_as_slurm_gives_them(
     argus: ArgusUser, slurm: SlurmCluster, slurm_settings, user_token: str, tmp_path: Path
 ) -> None:
-    settings = slurm_settings(server={"token": user_token})
+    """COMPLETED, FAILED (exit code), OUT_OF_MEMORY, CANCELLED by someone else, and TIMEOUT:
+    Slurm's shortest time limit is a minute, enforced by slurmctld's check every 30 s, so
+    this test takes about 90 s; the other ends are learned meanwhile."""
+    # Every rerun gets a one-minute limit (Slurm 22.05 records none to recover).
+    settings = slurm_settings(server={"token": user_token}, jobs={"slurm_time_limit": "1"})
     await register(settings, user_token)
     done = argus.record_batch("echo fine")
     failed = argus.record_batch("echo failing; exit 3")
@@ -317,6 +321,7 @@ async def test_end_states_are_reported_as_slurm_gives_them(
         f"exec {PY} {FIXTURES / 'eat_memory.py'} 400", env={"SLURM_MEM_PER_NODE": "64"}
     )
     cancelled = argus.record_batch("sleep 120")
+    too_long = argus.record_batch("echo started; exec sleep 300")
     async with RunningAgent(settings) as running:
         batches = {
             name: argus.rerun(b)
@@ -325,6 +330,7 @@ async def test_end_states_are_reported_as_slurm_gives_them(
                 ("failed", failed),
                 ("oom", oom),
                 ("cancelled", cancelled),
+                ("timeout", too_long),
             ]
         }
         victim = await eventually(
@@ -334,7 +340,7 @@ async def test_end_states_are_reported_as_slurm_gives_them(
             lambda: running.agent.jobs.get(batches["cancelled"]).slurm_state == "RUNNING"
         )
         slurm.run(["scancel", str(victim.slurm_job_id)])  # someone else cancels it
-        ends = {name: await _ended(running, b) for name, b in batches.items()}
+        ends = {name: await _ended(running, b, timeout=180) for name, b in batches.items()}
         for batch in batches.values():
             await eventually(lambda b=batch: _lifecycle(argus, b), what="each batch's end")
     assert (ends["done"].slurm_state, ends["done"].exit_code) == ("COMPLETED", 0)
@@ -344,6 +350,7 @@ async def test_end_states_are_reported_as_slurm_gives_them(
         "3:0",
     )
     assert ends["cancelled"].slurm_state == "CANCELLED"
+    assert ends["timeout"].slurm_state == "TIMEOUT"
     if slurm.cgroups:  # the memory cgroup's OOM kill (with RSS polling: FAILED 0:9)
         assert ends["oom"].slurm_state == "OUT_OF_MEMORY"
     for name, batch in batches.items():

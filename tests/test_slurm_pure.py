@@ -336,3 +336,39 @@ async def test_the_slurm_launcher_refuses_to_start_without_slurms_commands(tmp_p
     jobs = SlurmJobs(SlurmStore(tmp_path / "slurm"), settings, commands=commands)
     with pytest.raises(ConfigError, match="PATH lacks sbatch, squeue, scontrol, scancel"):
         jobs.adopt_existing()
+
+
+async def test_a_failing_sacct_is_asked_again_and_only_a_definite_answer_is_kept(
+    tmp_path: Path,
+) -> None:
+    """slurmdbd down for a while must not make the agent believe, for the rest of its life,
+    that the cluster has no accounting: only an answer, or "accounting storage is disabled",
+    is remembered. (A stand-in sacct: the failure it plays cannot be ordered from a real
+    slurmdbd on demand.)"""
+    from argus_agent.jobs.slurm_cli import SlurmCommands
+
+    calls = tmp_path / "calls"
+    sacct = tmp_path / "sacct"
+    sacct.write_text(
+        "#!/bin/sh\n"
+        f"echo x >> {calls}\n"
+        f'if [ "$(wc -l < {calls})" -eq 1 ]; then\n'
+        '  echo "sacct: error: slurmdbd: Connection refused" >&2; exit 1\n'
+        "fi\n"
+        "exit 0\n"
+    )
+    sacct.chmod(0o755)
+    commands = SlurmCommands(10.0, environ={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+    assert await commands.accounting() is False  # slurmdbd down: not known yet
+    assert commands.accounting_known is None
+    assert await commands.accounting() is True  # asked again, and it answers
+    assert await commands.accounting() is True  # now remembered: no third call
+    assert calls.read_text().count("x") == 2
+    (tmp_path / "off").mkdir()
+    (tmp_path / "off" / "sacct").write_text(
+        '#!/bin/sh\necho "sacct: error: Slurm accounting storage is disabled" >&2\nexit 1\n'
+    )
+    (tmp_path / "off" / "sacct").chmod(0o755)
+    off = SlurmCommands(10.0, environ={"PATH": f"{tmp_path / 'off'}:/usr/bin:/bin"})
+    assert await off.accounting() is False
+    assert off.accounting_known is False

@@ -181,13 +181,21 @@ class SlurmCommands:
         return parse_scontrol(result.out)
 
     async def accounting(self) -> bool:
-        """Whether ``sacct`` can answer (accounting storage on); asked once, then cached."""
+        """Whether ``sacct`` can answer (accounting storage on). Only a definite answer is
+        cached (it answered, or said accounting is disabled); a failure (slurmdbd down for a
+        while, a timeout) says False for now and is asked again next time."""
         if self._accounting is None:
             try:
                 result = await self.run(["sacct", "-n", "-P", "-X", "-j", "1", "-o", "JobID"])
             except SlurmUnavailable:
-                return False  # ask again next time
-            self._accounting = result.rc == 0 and ACCOUNTING_OFF not in result.err
+                return False
+            if result.rc == 0 and ACCOUNTING_OFF not in result.err:
+                self._accounting = True
+            elif ACCOUNTING_OFF in result.err or ACCOUNTING_OFF in result.out:
+                self._accounting = False
+            else:
+                log.info("sacct failed; accounting is asked again later", error=result.message())
+                return False
         return self._accounting
 
     async def sacct(self, job_id: int) -> tuple[str, str] | None:

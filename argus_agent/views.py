@@ -64,6 +64,19 @@ def format_status(status: dict[str, Any], verdict: Verdict | None = None) -> str
     if cgroups := status.get("cgroups"):  # whether jobs get cgroups, or why not
         where = f" ({cgroups['why']})" if cgroups.get("why") else f" under {cgroups.get('root')}"
         lines += _wrap(f"cgroups  {cgroups.get('mode')}{where}")
+    if served := status.get("served_hosts"):  # jobs.slurm_hosts: names served besides ours
+        states = ", ".join(f"{n} {state}" for state, n in sorted(served["states"].items()))
+        lines += _wrap(
+            f"served   {served['count']} host name(s) from {served['names_from']}"
+            + (f": {states}" if states else "")
+            + (f"; {served['unregistered']} unregistered" if served.get("unregistered") else "")
+        )
+        for problem in served.get("problems", [])[:3]:
+            lines += _wrap(
+                f"  {problem['hostname']}: {problem['state']}"
+                + (f" ({problem['error']})" if problem.get("error") else ""),
+                INDENT + "  ",
+            )
     drain = status.get("drain") or {}
     if drain.get("draining"):
         lines += _wrap(

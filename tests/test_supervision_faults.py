@@ -159,6 +159,30 @@ async def test_after_an_agent_restart_a_killed_shims_job_is_reported_without_a_m
         assert "exit status unknown" in ended.describe_exit()
 
 
+async def test_what_a_job_left_running_is_stopped_when_its_shim_and_main_process_are_gone(
+    argus: ArgusUser, make_settings, user_token: str, tmp_path: Path
+) -> None:
+    """The shim stops what a job leaves behind when its main process ends; with the shim
+    killed and the agent away when the main process ended, the agent does it on its return:
+    nothing a job started outlives it, however its supervisor ended."""
+    settings = make_settings()
+    await register(settings, user_token)
+    marker = tmp_path / "leftover.pid"
+    async with RunningAgent(settings) as running:
+        batch = argus.rerun(argus.record_batch(f"sleep 300 & echo $! > {marker}; exec sleep 2"))
+        await eventually(lambda: argus.acked(batch, "rerun"), what="ack")
+        record = running.agent.jobs.get(batch)
+        await eventually(lambda: marker.exists() and marker.read_text().strip(), what="pid")
+    leftover = int(marker.read_text())
+    os.kill(record.shim_pid, signal.SIGKILL)
+    await eventually(lambda: not alive(record.shim_pid), what="shim gone")
+    await eventually(lambda: not alive(record.pid), what="the main process ended", timeout=10)
+    assert alive(leftover)
+    async with RunningAgent(settings) as running:
+        assert running.agent.jobs.get(batch).state == "ended"
+        await eventually(lambda: not alive(leftover), what="the leftover stopped", timeout=15)
+
+
 async def test_a_launch_interrupted_by_a_crash_is_acked_failed_not_started(
     make_settings, user_token: str, tmp_path: Path
 ) -> None:

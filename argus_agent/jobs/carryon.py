@@ -204,6 +204,25 @@ class CarryOn:
         self._start_fallback(job, self._grace_left(record), record.pid)
         return False
 
+    async def _end_without_shim(self, job: Job, status: int | None) -> None:
+        """The shim is gone and so is the job's main process: stop what the job left
+        running (as the shim would have: nothing the job started outlives it), then record
+        the end with ``status`` (None: unknown)."""
+        survivors: list[int] | None = None
+        if job.fallback_stop is None and self.settings.kill_leftovers:
+            self._start_fallback(job, LEFTOVER_GRACE_S, None)
+        if job.fallback_stop is not None:
+            survivors = (await job.fallback_stop).survivors
+        self.reap_orphans()
+        self._write_exit(job, status, survivors)
+        self._ended(job)
+
+    def _stop_leftovers_later(self, job: Job) -> None:
+        """At start-up, for a job that ended with its shim while the agent was away: stop
+        what it left running, in the background (its end is reported meanwhile)."""
+        if job.fallback_stop is None and self.settings.kill_leftovers and job.record.started:
+            self._start_fallback(job, LEFTOVER_GRACE_S, None)
+
     async def _take_over(self, job: Job) -> None:
         """Carry on a job whose shim was killed: its output, its stop, its end. Returns once
         the job's main process ended and its end is recorded."""

@@ -135,6 +135,7 @@ class JobManager(CarryOn, JobTable[JobRecord]):
                 "unknown"
             )
             self._mark_lost(job, note)
+            self._stop_leftovers_later(job)
             ended_meanwhile.append(job.record)
         for record in ended_meanwhile:
             log.info(
@@ -367,8 +368,7 @@ class JobManager(CarryOn, JobTable[JobRecord]):
         if running:
             await self._take_over(job)
             return
-        self._write_exit(job, status, None)
-        self._ended(job)
+        await self._end_without_shim(job, status)
 
     def _ended(self, job: Job) -> None:
         try:

@@ -52,6 +52,16 @@ def _parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="debug logging and tracebacks on errors",
     )
+    # The operator's commands (status, jobs, logs, drain, undrain, stop) only need the state
+    # dir; see _operator_settings.
+    operator = argparse.ArgumentParser(add_help=False, parents=[common])
+    operator.add_argument(
+        "--state-dir",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="the agent's state dir (default: agent.state_dir); also used when the config "
+        "file is broken",
+    )
     parser = argparse.ArgumentParser(
         prog="argus-agent",
         description="Host agent for Argus: reruns and stops training runs on this host.",
@@ -86,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser(
         "status",
-        parents=[common],
+        parents=[operator],
         help="show what the running agent is doing (exit 0 healthy, 1 degraded, 2 no agent)",
         description=statuscheck.HELP_DESCRIPTION,
         epilog=statuscheck.HELP_EPILOG,
@@ -98,14 +108,14 @@ def _parser() -> argparse.ArgumentParser:
         help="print the status document with its verdict (schema argus-agent.status.v1, "
         "documented in docs/status.md)",
     )
-    sub.add_parser("jobs", parents=[common], help="list the jobs this host's agent knows")
-    logs = sub.add_parser("logs", parents=[common], help="print a job's log")
+    sub.add_parser("jobs", parents=[operator], help="list the jobs this host's agent knows")
+    logs = sub.add_parser("logs", parents=[operator], help="print a job's log")
     logs.add_argument("batch_id", help="the Argus batch id of the job (the rerun batch)")
     logs.add_argument(
         "-f", "--follow", action="store_true", help="keep printing new output until the job ends"
     )
     logs.add_argument("--tail", type=int, metavar="N", help="only the last N lines")
-    _operator_parsers(sub, common)
+    _operator_parsers(sub, operator)
     cfg = sub.add_parser("config", parents=[common], help="configuration tools")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     cfg_sub.add_parser(
@@ -200,7 +210,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _operator_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+def _operator_parsers(sub: argparse._SubParsersAction, operator: argparse.ArgumentParser) -> None:
     """`drain`, `undrain`, `stop`: requests to the running agent (operator_commands.py)."""
     codes = (
         "Talks to the agent running on this host's state dir over its control socket; only "
@@ -209,7 +219,7 @@ def _operator_parsers(sub: argparse._SubParsersAction, common: argparse.Argument
     )
     drain = sub.add_parser(
         "drain",
-        parents=[common],
+        parents=[operator],
         help="refuse new reruns on this host (running jobs go on)",
         description="Drain this host: from now on the agent refuses every new rerun (acked "
         "'failed' with reason 'host draining[: REASON]', and the rerun's batch ends failed), "
@@ -222,13 +232,13 @@ def _operator_parsers(sub: argparse._SubParsersAction, common: argparse.Argument
     )
     sub.add_parser(
         "undrain",
-        parents=[common],
+        parents=[operator],
         help="accept reruns again after `drain`",
         description=f"End a drain: the agent accepts reruns again (audited). {codes}",
     )
     stop = sub.add_parser(
         "stop",
-        parents=[common],
+        parents=[operator],
         help="stop a job this agent supervises, as Argus' Stop button does",
         description="Stop the job of BATCH_ID on this host with the same escalation as a "
         "stop from the server: SIGTERM to its whole process tree, SIGKILL to what is left "
@@ -284,6 +294,33 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(getattr(args, "config", None))
 
 
+OPERATOR_COMMANDS = ("status", "jobs", "logs", "drain", "undrain", "stop")
+
+
+def _operator_settings(args: argparse.Namespace) -> Settings:
+    """The settings of an operator's command, which needs only the state dir. A config file
+    broken since the agent started (its reload was refused: the agent runs on the one it
+    loaded) must not lock the operator out of the agent, so its error becomes a warning on
+    stderr and the state dir comes from ``--state-dir``, else ``ARGUS_AGENT_AGENT_STATE_DIR``,
+    else the default one."""
+    state_dir: Path | None = getattr(args, "state_dir", None)
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        from_env = os.environ.get("ARGUS_AGENT_AGENT_STATE_DIR")
+        fallback = state_dir or (Path(from_env) if from_env else Settings().agent.state_dir)
+        print(
+            f"argus-agent: warning: {redact_text(str(exc))}; using the state dir {fallback} "
+            "(a running agent keeps the configuration it loaded)",
+            file=sys.stderr,
+        )
+        return Settings.model_validate({"agent": {"state_dir": str(fallback)}})
+    if state_dir is None:
+        return settings
+    agent = settings.agent.model_copy(update={"state_dir": state_dir})
+    return settings.model_copy(update={"agent": agent})
+
+
 def _dispatch(command: str, args: argparse.Namespace) -> int:
     if command == "init":
         return _cmd_init(args)
@@ -298,7 +335,7 @@ def _dispatch(command: str, args: argparse.Namespace) -> int:
         return run_demo(keep=args.keep)
     if command == "config":
         return _cmd_config(args)
-    settings = _settings(args)
+    settings = _operator_settings(args) if command in OPERATOR_COMMANDS else _settings(args)
     level = "debug" if getattr(args, "debug", False) else settings.agent.log_level
     configure(level)
     if command == "register":

@@ -99,15 +99,18 @@ def test_restart_prevented_codes_match_the_units() -> None:
     ("argv", "code"),
     [
         (["config", "check"], 1),  # `config check` answers yes or no, whatever is wrong
-        (["jobs"], 3),  # the same config error elsewhere is exit 3
-        (["status"], 3),
+        (["register"], 3),  # the same config error elsewhere is exit 3
+        # ... except for the operator's commands: a warning, then the state dir (here no
+        # agent answers on it: 2).
+        (["status"], 2),
     ],
 )
 def test_a_config_error_exits_as_documented(
     argv: list[str], code: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     missing = tmp_path / "absent.toml"
-    assert cli.main(["--config", str(missing), *argv]) == code
+    state = ["--state-dir", str(tmp_path / "state")] if argv == ["status"] else []
+    assert cli.main(["--config", str(missing), *argv, *state]) == code
     assert "config file not found" in capsys.readouterr().err
 
 

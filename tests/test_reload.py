@@ -288,6 +288,21 @@ async def test_sighup_reloads_a_valid_config_and_keeps_the_old_one_for_an_invali
         assert told[2].startswith("RELOADING=1") and told[3].startswith("READY=1")
         assert daemon.poll() is None
         assert "SIGKILL after 3 s" in await asyncio.to_thread(stop_line, jobs[1])
+        # The broken file does not lock the operator out of the agent running on the old one.
+        asked = await asyncio.to_thread(cli, "--config", str(config), "status", env=env)
+        assert asked.returncode in (0, 1), asked.stderr
+        assert "warning: " in asked.stderr and "jobs.stop_grace_s" in asked.stderr
+        assert "jobs" in asked.stdout
+        listed = await asyncio.to_thread(
+            cli,
+            "--config",
+            str(config),
+            "jobs",
+            "--state-dir",
+            str(settings.agent.state_dir),
+            env={k: v for k, v in env.items() if k != "ARGUS_AGENT_AGENT_STATE_DIR"},
+        )
+        assert listed.returncode == 0 and jobs[1] in listed.stdout, listed.stderr
         for batch in jobs:
             await eventually(lambda b=batch: _ended_in_status(sock, b), what="the jobs to end")
         daemon.send_signal(signal.SIGTERM)

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from .schemas import DATA_MODELS, EventIn, Source
 from .store import ApiError, Store, loads_or, row_dict, utcnow_iso
@@ -35,8 +36,31 @@ _JOB_EVENTS_NEED_ID = {
 }
 
 
+#: ``json.dumps(value, default=str, sort_keys=True)`` without building an encoder per call
+#: (that cost more than encoding a small ``data`` object: 4 of the websocket's 55 µs an
+#: event). Same text; only the cycle check is left out, as stored values come from parsed JSON
+#: (a cycle would raise RecursionError instead of ValueError).
+_ENCODE = (
+    c_make_encoder(None, str, encode_basestring_ascii, None, ": ", ", ", True, False, True)
+    if c_make_encoder is not None
+    else None
+)
+
+
 def _dumps(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, default=str, sort_keys=True)
+    if value is None:
+        return None
+    if _ENCODE is None:  # a Python without the C accelerator
+        return json.dumps(value, default=str, sort_keys=True)
+    return "".join(_ENCODE(value, 0))
+
+
+#: Each event type's ``data`` model over a list: one validation call for a batch's events of
+#: that type instead of one per event (a third of the cost on a frame of log lines).
+_DATA_LISTS: dict[str, TypeAdapter[list[Any]]] = {
+    kind: TypeAdapter(list[model])  # type: ignore[valid-type]
+    for kind, model in DATA_MODELS.items()
+}
 
 
 def ingest_one(store: Store, event: EventIn, owner_id: int) -> tuple[int, bool]:
@@ -76,6 +100,7 @@ def ingest_many_in(
         ):
             seen.known[row["event_id"]] = int(row["id"])
     seen.prefetched = True
+    bad_data = _data_errors(events)  # every event's data in one call per event type
     # Check every event first, then insert the new ones with one executemany (a fifth of the
     # websocket's ingest time went to one execute per event), then apply them in order.
     outcomes: list[tuple[int, bool] | ApiError | None] = [None] * len(events)
@@ -89,7 +114,9 @@ def ingest_many_in(
             elif event.event_id is not None and event.event_id in first_of:
                 continue  # a copy of an earlier event of this batch: settled below
             else:
-                fresh.append((index, event, _row(event, seen)))
+                if index in bad_data:
+                    raise bad_data[index]
+                fresh.append((index, event, _row(event, seen, data_checked=True)))
                 if event.event_id is not None:
                     first_of[event.event_id] = index
         except ApiError as exc:
@@ -194,14 +221,13 @@ _INSERT_EVENT = (
 )
 
 
-def _row(event: EventIn, seen: _Seen) -> tuple[Any, ...]:
-    """The event's ``events`` row, after checking its data and job_id (ApiError 422 / 400)."""
-    model = DATA_MODELS.get(event.event_type)
-    if model is not None:
-        try:
-            model.model_validate(event.data)
-        except ValidationError as exc:
-            raise ApiError(422, json.loads(exc.json())) from exc
+def _row(event: EventIn, seen: _Seen, data_checked: bool = False) -> tuple[Any, ...]:
+    """The event's ``events`` row, after checking its data (unless ``data_checked``: the
+    caller did, see :func:`_data_errors`) and job_id (ApiError 422 / 400)."""
+    if not data_checked:
+        error = _data_error(DATA_MODELS.get(event.event_type), event.data)
+        if error is not None:
+            raise error
     if event.event_type in _JOB_EVENTS_NEED_ID and event.job_id is None:
         raise ApiError(400, _JOB_EVENTS_NEED_ID[event.event_type])
     return (
@@ -215,6 +241,39 @@ def _row(event: EventIn, seen: _Seen) -> tuple[Any, ...]:
         _dumps(event.data),
         seen.now,
     )
+
+
+def _data_error(model: type[BaseModel] | None, data: dict[str, Any]) -> ApiError | None:
+    """The 422 for ``data`` that its event type's model refuses, or None."""
+    if model is None:
+        return None
+    try:
+        model.model_validate(data)
+    except ValidationError as exc:
+        return ApiError(422, json.loads(exc.json()))
+    return None
+
+
+def _data_errors(events: list[EventIn]) -> dict[int, ApiError]:
+    """The 422 of every event (by index) whose ``data`` its type's model refuses: one
+    validation call per event type present; one per event of a type only when that call
+    failed, for each event's own error."""
+    by_kind: dict[str, list[int]] = {}
+    for index, event in enumerate(events):
+        by_kind.setdefault(event.event_type, []).append(index)
+    errors: dict[int, ApiError] = {}
+    for kind, indices in by_kind.items():
+        model = DATA_MODELS.get(kind)
+        if model is None:
+            continue
+        try:
+            _DATA_LISTS[kind].validate_python([events[i].data for i in indices])
+        except ValidationError:
+            for index in indices:
+                error = _data_error(model, events[index].data)
+                if error is not None:
+                    errors[index] = error
+    return errors
 
 
 def record_server_event(

@@ -21,11 +21,14 @@ import pytest
 from argus_agent.config import Settings
 from argus_agent.servedhosts import SERVED_FILE, ServedRegistrations
 from argus_agent.statuscheck import DEGRADED, health_verdict
+from argus_agent.views import format_status
 from tests.slurmenv import SlurmCluster
 from tests.support import ArgusUser, RunningAgent, agent_env, cli, eventually, register
 from tests.test_status import _documented, _fields
 
 SERVED = ["gpu-a", "gpu-b"]
+#: What Argus v0.3.0 offers (the websocket is tested on its own, below).
+POLL = {"transport": "poll"}
 
 
 def _register(settings: Settings, token: str) -> tuple[int, str, str]:
@@ -51,7 +54,7 @@ def _agents(argus: ArgusUser) -> dict[str, dict]:
 async def test_one_agent_serves_two_host_names_through_their_own_registrations(
     argus: ArgusUser, slurm: SlurmCluster, slurm_settings, user_token: str, tmp_path: Path
 ) -> None:
-    settings = slurm_settings(server={"token": user_token}, jobs={"slurm_hosts": SERVED})
+    settings = slurm_settings(server=POLL | {"token": user_token}, jobs={"slurm_hosts": SERVED})
     own_id = await register(settings, user_token)
     sources = {
         host: argus.record_batch("sleep 60", cwd=str(tmp_path), host=host) for host in SERVED
@@ -93,7 +96,7 @@ async def test_one_agent_serves_two_host_names_through_their_own_registrations(
 async def test_a_pending_ack_goes_through_the_registration_that_delivered_it(
     argus: ArgusUser, slurm: SlurmCluster, slurm_settings, user_token: str, tmp_path: Path
 ) -> None:
-    settings = slurm_settings(server={"token": user_token}, jobs={"slurm_hosts": ["gpu-a"]})
+    settings = slurm_settings(server=POLL | {"token": user_token}, jobs={"slurm_hosts": ["gpu-a"]})
     await register(settings, user_token)
     source = argus.record_batch("true", cwd=str(tmp_path), host="gpu-a")
     async with RunningAgent(settings) as running:
@@ -111,7 +114,7 @@ async def test_a_pending_ack_goes_through_the_registration_that_delivered_it(
 async def test_a_rejected_token_of_one_name_does_not_hold_up_the_others(
     argus: ArgusUser, slurm: SlurmCluster, slurm_settings, user_token: str, tmp_path: Path
 ) -> None:
-    settings = slurm_settings(server={"token": user_token}, jobs={"slurm_hosts": SERVED})
+    settings = slurm_settings(server=POLL | {"token": user_token}, jobs={"slurm_hosts": SERVED})
     await register(settings, user_token)
     rc, out, err = _register(settings, user_token)  # registers the served names too
     assert rc == 0 and "served host names: 2; registered now: 2" in out, (out, err)
@@ -138,6 +141,10 @@ async def test_a_rejected_token_of_one_name_does_not_hold_up_the_others(
         emitted = {f for f in _fields(status) if f.startswith("served_hosts")}
         assert "served_hosts.problems[].error" in emitted
         assert not emitted - _documented(), "every served_hosts field is in docs/status.md"
+        text = format_status(status, verdict)
+        assert "served   2 host name(s) from config: 1 auth_rejected, 1 connected" in text
+        assert "gpu-a: auth_rejected" in text and "ag_live_" not in text
+        assert all(len(line) <= 80 for line in text.splitlines())
         await running.agent.jobs.wait_ended(batch, timeout=30)
 
 
@@ -255,3 +262,52 @@ async def test_the_served_names(
     jobs = JobSettings(launcher="slurm", slurm_hosts=hosts, slurm_partitions=partitions)
     assert await served_names(jobs, ["login"], list_nodes) == expected
     assert asked == ([partitions] if hosts == ["*"] else [])
+
+
+async def test_one_websocket_announces_every_served_name(
+    argus: ArgusUser, slurm: SlurmCluster, slurm_settings, user_token: str, tmp_path: Path
+) -> None:
+    """On the websocket protocol the one connection serves every name: none is polled,
+    their commands are pushed on it and acked on it. A name registered by another Argus
+    user is not accepted by the server and stays on REST polling."""
+    bob = httpx.post(f"{argus.url}/api/_dev/users", json={"username": "bob"}, timeout=10).json()
+    settings = slurm_settings(
+        server={"token": user_token}, jobs={"slurm_hosts": [*SERVED, "gpu-z"]}
+    )
+    await register(settings, user_token)
+    rc, out, err = _register(settings, user_token)
+    assert rc == 0, (out, err)
+    # gpu-z's registration belongs to bob (a file edited by hand, or a server mix-up).
+    path = settings.agent.state_dir / SERVED_FILE
+    data = json.loads(path.read_text())
+    answer = httpx.post(
+        f"{argus.url}/api/agents/register",
+        json={"hostname": "gpu-z"},
+        headers={"Authorization": f"Bearer {bob['token']}"},
+        timeout=10,
+    ).json()
+    data["hosts"]["gpu-z"] = {"agent_id": answer["agent_id"], "agent_token": answer["agent_token"]}
+    path.write_text(json.dumps(data))
+    os.chmod(path, 0o600)
+    source = argus.record_batch("sleep 60", cwd=str(tmp_path), host="gpu-b")
+    async with RunningAgent(settings) as running:
+        served = await eventually(
+            lambda: (
+                (s := running.agent.snapshot()["served_hosts"])["states"].get("websocket") == 2
+                and s.get("states", {}).get("connected") == 1
+                and s
+            ),
+            what="two names on the websocket, gpu-z polled",
+        )
+        assert served["problem_count"] == 0
+        agents = _agents(argus)
+        assert agents["gpu-a"]["ws_connected"] and agents["gpu-b"]["ws_connected"]
+        assert not agents["gpu-z"]["ws_connected"]
+        batch = argus.rerun(source)
+        ack = await eventually(lambda: argus.acked(batch, "rerun"), what="the ack")
+        assert ack["status"] == "started" and ack["agent_id"] == agents["gpu-b"]["agent_id"]
+        # Pushed on the websocket: delivered once, never polled (a poll would count again).
+        assert argus.command_for(batch, "rerun")["deliveries"] == 1
+        assert running.agent.channel.session.commands_received >= 1
+        argus.stop(batch)
+        await running.agent.jobs.wait_ended(batch, timeout=30)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 import uuid
 from typing import Any
 
@@ -305,3 +306,48 @@ def list_commands(
         }
         for r in rows
     ]
+
+
+def served_agents(
+    store: Store, owner_id: int, own_id: str, announced: list[tuple[str, str]]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Which of a websocket hello's ``serves`` (agent id, host name) the connection may
+    serve: registrations of the same Argus user as the connecting agent, under that host
+    name. Returns (accepted: agent id → host name, refused: agent id → why)."""
+    accepted: dict[str, str] = {}
+    refused: dict[str, str] = {}
+    with store.read() as db:
+        for agent_id, hostname in announced:
+            row = db.execute(
+                "SELECT owner_id, hostname FROM agents WHERE id = ?", (agent_id,)
+            ).fetchone()
+            if agent_id == own_id:
+                refused[agent_id] = "the connection's own agent"
+            elif row is None:
+                refused[agent_id] = "no such agent"
+            elif int(row["owner_id"]) != owner_id:
+                refused[agent_id] = "registered by another user"
+            elif row["hostname"] != hostname:
+                refused[agent_id] = f"registered for host {row['hostname']!r}"
+            else:
+                accepted[agent_id] = hostname
+    return accepted, refused
+
+
+def touch_agents(store: Store, agent_ids: list[str]) -> None:
+    """Set the agents' last_seen to now (served names seen alive on a websocket)."""
+    if not agent_ids:
+        return
+    now_iso, now = utcnow_iso(), time.time()
+    with store.tx() as db:
+        db.executemany(
+            "UPDATE agents SET last_seen_at = ?, last_seen_ts = ? WHERE id = ?",
+            [(now_iso, now, agent_id) for agent_id in agent_ids],
+        )
+
+
+def command_agent(store: Store, cmd_id: str) -> str | None:
+    """The agent a command was queued for (None: no such command)."""
+    with store.read() as db:
+        row = db.execute("SELECT agent_id FROM commands WHERE id = ?", (cmd_id,)).fetchone()
+    return None if row is None else str(row["agent_id"])

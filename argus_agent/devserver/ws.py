@@ -156,6 +156,7 @@ class WsHub:
         self.faults = faults
         self.loop: asyncio.AbstractEventLoop | None = None
         self._sessions: dict[str, _Session] = {}  # agent_id -> the session that said hello
+        self._served: dict[str, _Session] = {}  # a served name's agent_id -> its session
         self._live: set[_Session] = set()  # every accepted connection, hello or not
         store.command_listeners.append(self.notify)
 
@@ -170,15 +171,16 @@ class WsHub:
             loop.call_soon_threadsafe(self._wake, agent_id)
 
     def connected(self, agent_id: str) -> bool:
-        """Whether *agent_id* has a websocket session past hello."""
-        return agent_id in self._sessions
+        """Whether *agent_id* has a websocket session past hello (its own, or one that
+        serves it)."""
+        return agent_id in self._sessions or agent_id in self._served
 
     def status(self, agent_id: str) -> dict[str, Any]:
         """The dev listing's websocket fields of *agent_id*."""
         session = self._sessions.get(agent_id)
         hello = session.hello if session is not None else None
         return {
-            "ws_connected": session is not None,
+            "ws_connected": session is not None or agent_id in self._served,
             "ws_running_jobs": (
                 [job.model_dump() for job in hello.running_jobs] if hello is not None else None
             ),
@@ -195,7 +197,7 @@ class WsHub:
     # -- the loop ------------------------------------------------------------------------------
 
     def _wake(self, agent_id: str) -> None:
-        session = self._sessions.get(agent_id)
+        session = self._sessions.get(agent_id) or self._served.get(agent_id)
         if session is not None:
             session.wake.set()
 
@@ -211,6 +213,14 @@ class WsHub:
     def _unregister(self, session: _Session) -> None:
         if self._sessions.get(session.agent_id) is session:
             del self._sessions[session.agent_id]
+        for agent_id in session.serving:
+            if self._served.get(agent_id) is session:
+                del self._served[agent_id]
+
+    def _serve(self, session: _Session) -> None:
+        """Route the commands of the session's served names to it (the newest wins)."""
+        for agent_id in session.serving:
+            self._served[agent_id] = session
 
     async def endpoint(self, websocket: WebSocket) -> None:
         """The ASGI websocket route: refuse, or accept and run a session to its end."""
@@ -279,6 +289,8 @@ class _Session:
         self.wake = asyncio.Event()
         self.closed = False
         self.pushed: set[str] = set()  # command ids pushed on this connection
+        #: hello's served names this connection may serve: agent id -> host name.
+        self.serving: dict[str, str] = {}
         self._send_lock = asyncio.Lock()
         self._bad: collections.deque[float] = collections.deque()
         self._touched = 0.0
@@ -387,16 +399,33 @@ class _Session:
                 decoded.last_confirmed_seq,
                 confirmed,
             )
+        if decoded.serves:
+            self.serving, refused = executor.served_agents(
+                self.store,
+                self.owner_id,
+                self.agent_id,
+                [(n.agent_id, n.hostname) for n in decoded.serves],
+            )
+            executor.touch_agents(self.store, list(self.serving))
+            if refused:
+                _log.info(
+                    "agent %s may not serve %d announced name(s), e.g. %s",
+                    self.agent_id,
+                    len(refused),
+                    next(iter(refused.items())),
+                )
         old = self.hub._register(self)
         if old is not None:
             await old.close(
                 CloseCode.REPLACED, "a newer connection of this agent replaced this one"
             )
+        self.hub._serve(self)
         welcome = wsproto.Welcome(
             server_version=f"argus-agent-devserver {__version__}"[:64],
             ping_interval_s=float(self.options.ping_interval_s),
             ping_timeout_s=float(self.options.ping_timeout_s),
             confirmed_seq=confirmed,
+            serving=sorted(self.serving),
         )
         extra = self.hub.faults.welcome_extra
         await self.send({**welcome.model_dump(), **extra} if extra else welcome)
@@ -471,13 +500,16 @@ class _Session:
             self._touched = now
             with self.store.tx() as db:
                 self.store.touch_agent(db, self.agent_id)
+            executor.touch_agents(self.store, list(self.serving))
 
     def _ack(self, ack: wsproto.Ack) -> wsproto.AckResult:
-        """The REST ack's rules and answers (200/409/404/400 as ok/conflict/not_found/invalid)."""
+        """The REST ack's rules and answers (200/409/404/400 as ok/conflict/not_found/invalid);
+        a served name's command is acked as that name's agent."""
+        owner = self.agent_id
+        if self.serving and (queued_for := executor.command_agent(self.store, ack.cmd_id)):
+            owner = queued_for if queued_for in self.serving else owner
         try:
-            executor.ack_command(
-                self.store, self.agent_id, ack.cmd_id, ack.status, ack.pid, ack.error
-            )
+            executor.ack_command(self.store, owner, ack.cmd_id, ack.status, ack.pid, ack.error)
         except ApiError as exc:
             self._touch()
             return wsproto.AckResult.from_http_status(ack.cmd_id, exc.status_code, str(exc.detail))
@@ -560,9 +592,11 @@ class _Session:
     async def _push_until_closed(self) -> None:
         while not self.closed:
             self.wake.clear()
-            for item in executor.push_commands(self.store, self.agent_id, self.pushed):
-                self.pushed.add(item["id"])
-                await self.send({"type": "command", **item})
+            for agent_id in (self.agent_id, *self.serving):
+                for item in executor.push_commands(self.store, agent_id, self.pushed):
+                    self.pushed.add(item["id"])
+                    served = {"agent_id": agent_id} if agent_id != self.agent_id else {}
+                    await self.send({"type": "command", **item, **served})
             self._touched = time.monotonic()
             try:
                 await asyncio.wait_for(self.wake.wait(), self.options.recheck_s)

@@ -182,6 +182,10 @@ class Dispatcher:
         #: The compute-node names this agent serves besides its own (``jobs.slurm_hosts``;
         #: kept current by the served-host poller): reruns of their batches pass the host check.
         self.served_hosts: frozenset[str] = frozenset()
+        #: Commands being handled now. A command may arrive twice at once (pushed on the
+        #: websocket and polled for a served name): the second delivery must not be taken
+        #: for one an agent restart interrupted (the ledger's ``acting``).
+        self._handling: set[str] = set()
         self._checks: set[threading.Thread] = set()
         self._unackable: dict[tuple[str | None, str | None, str], None] = {}
 
@@ -240,11 +244,19 @@ class Dispatcher:
             self._unackable[key] = None
             if len(self._unackable) > UNACKABLE_MEMORY:
                 del self._unackable[next(iter(self._unackable))]
+        if cmd_id is not None and cmd_id in self._handling:
+            log.debug("command delivered again while being handled; ignored", cmd_id=cmd_id)
+            return
         entry = self.ledger.get(cmd_id) if cmd_id is not None else None
         if entry is not None and entry.phase == "acked":
             log.debug("command redelivered after ack; ignored", cmd_id=cmd_id)
         steps = on_delivery(entry, item, self._job(item.batch_id))
-        await self._carry_out(steps, item, ack, via)
+        if cmd_id is not None:
+            self._handling.add(cmd_id)
+        try:
+            await self._carry_out(steps, item, ack, via)
+        finally:
+            self._handling.discard(cmd_id)
 
     async def flush_acks(self, ack: AckFn, *, via: str | None = None) -> None:
         """Send every ack still pending in the ledger (e.g. after an outage or a restart)

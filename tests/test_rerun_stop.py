@@ -189,6 +189,57 @@ async def test_redelivered_command_runs_once_also_after_restart(
     os.killpg(pid, 9)
 
 
+async def test_a_command_delivered_twice_at_once_is_acted_on_and_acked_once(
+    make_settings, tmp_path: Path
+) -> None:
+    """A served name's command can come on the websocket and in a poll at the same moment:
+    the second delivery, while the first is being handled, is neither acted on nor taken
+    for one an agent restart interrupted (which would ack it failed)."""
+    import asyncio
+
+    from argus_agent.audit import AuditLog
+    from argus_agent.dispatcher import Dispatcher
+    from argus_agent.jobs.store import JobStore
+    from argus_agent.jobs.supervisor import JobManager
+    from argus_agent.ledger import CommandLedger
+    from argus_agent.protocol import Command
+    from tests.support import HOST, OS_USER
+
+    settings = make_settings()
+    state = settings.agent.state_dir
+    state.mkdir(parents=True)
+    ledger = CommandLedger(state / "state.db")
+    jobs = JobManager(JobStore(state / "jobs"), settings.jobs)
+    dispatcher = Dispatcher(ledger, jobs, settings, AuditLog(state / "audit.log"))
+    acks: list[tuple[str, str, int | None, str | None]] = []
+
+    async def ack(cmd_id: str, status: str, pid: int | None, error: str | None) -> None:
+        acks.append((cmd_id, status, pid, error))
+
+    payload = {
+        "command": "exec sleep 30",
+        "cwd": str(tmp_path),
+        "host": HOST,
+        "requested_by": "alice",
+        "env": {"USER": OS_USER},
+    }
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    rerun = Command(
+        id="c-twice", kind="rerun", batch_id="rerun-0123456789ab", payload=payload, created_at=now
+    )
+    try:
+        await asyncio.gather(dispatcher.handle(rerun, ack), dispatcher.handle(rerun, ack))
+        assert [(c, status) for c, status, _, _ in acks] == [("c-twice", "started")], acks
+        record = jobs.get("rerun-0123456789ab")
+        assert record is not None and acks[0][2] == record.pid
+    finally:
+        if (record := jobs.get("rerun-0123456789ab")) is not None and record.running:
+            await jobs.stop("rerun-0123456789ab", "test")
+            await jobs.wait_ended("rerun-0123456789ab", timeout=15)
+        await jobs.shutdown()
+        ledger.close()
+
+
 async def test_unknown_and_malformed_commands_are_refused(
     argus: ArgusUser, make_settings, user_token: str, server
 ) -> None:

@@ -303,6 +303,35 @@ async def test_stop_of_a_pending_job_cancels_it(
     assert "CANCELLED" in events[0]["data"]["error"]
 
 
+async def test_a_stop_that_comes_after_the_job_ended_on_its_own_leaves_its_end_its_own(
+    argus: ArgusUser, slurm: SlurmCluster, slurm_settings, user_token: str, tmp_path: Path
+) -> None:
+    """Seen against the real Argus v0.3.0: the job completed, the agent's next look at the
+    queue had not come yet, and Stop arrived. scancel answers "Invalid job id specified"
+    (TERM to a completed job, Slurm 22.05); the stop is acked failed saying the job ended
+    on its own, and the job is reported done, not "stopped on request", with an elapsed
+    time that is never negative (Slurm's end time is whole seconds)."""
+    settings = slurm_settings(server={"token": user_token}, jobs={"slurm_poll_s": 600})
+    await register(settings, user_token)
+    async with RunningAgent(settings) as running:
+        batch = argus.rerun(argus.record_batch("true"))
+        ack = await eventually(lambda: argus.acked(batch, "rerun"), what="the rerun")
+        await eventually(lambda: slurm.queue().get(ack["pid"]) == "COMPLETED", what="its end")
+        assert running.agent.jobs.get(batch).running  # the agent has not looked yet
+        argus.stop(batch)
+        stop = await eventually(lambda: argus.acked(batch, "stop"), what="the stop's ack")
+        assert stop["status"] == "failed" and "already ended on its own" in stop["error"], stop
+        ended = await _ended(running, batch)
+        assert (ended.slurm_state, ended.exit_code, ended.stop_requested_at) == (
+            "COMPLETED",
+            0,
+            None,
+        )
+        events = await eventually(lambda: _lifecycle(argus, batch), what="its end reported")
+    assert [e["event_type"] for e in events] == ["batch_done"]
+    assert events[0]["data"]["elapsed_s"] >= 0
+
+
 # -- how runs end --------------------------------------------------------------------------
 
 

@@ -47,7 +47,7 @@ from argus_agent.health import DEFAULT_STALL_S, Health
 from argus_agent.jobs import slurm_files
 from argus_agent.jobs.jobtable import JobTable
 from argus_agent.jobs.policy import ENV_NAME_RE
-from argus_agent.jobs.slurm_cli import SlurmCommands, SlurmUnavailable
+from argus_agent.jobs.slurm_cli import INVALID_JOB, SlurmCommands, SlurmUnavailable
 from argus_agent.jobs.slurm_resources import from_env, is_slurm_variable, sbatch_options
 from argus_agent.jobs.slurm_store import ENDED_STATES, SlurmJobRecord, SlurmStore
 from argus_agent.jobs.slurm_watch import OnUsage, QueueWatch, SlurmJob, Usage
@@ -390,11 +390,18 @@ class SlurmJobs(QueueWatch, JobTable[SlurmJobRecord]):
             job.record = record
             self.store.save(record)
         # The queue now, not at the last tick: a job that just started gets its grace.
+        row = None
         with contextlib.suppress(SlurmUnavailable):
             row = (await self.commands.squeue([record.slurm_job_id])).get(record.slurm_job_id)
             if row is not None and row.state not in ENDED_STATES:
                 self._update(job, row)
                 record = job.record
+        if first and row is not None and row.state in ENDED_STATES:
+            self._ended_before_the_stop(job)
+            raise JobError(
+                f"Slurm job {record.slurm_job_id} already ended on its own ({row.state}); its "
+                "end is reported as Slurm gives it"
+            )
         pending = record.pending
         if (
             not pending
@@ -411,11 +418,33 @@ class SlurmJobs(QueueWatch, JobTable[SlurmJobRecord]):
             )
         except SlurmUnavailable as exc:
             raise JobError(f"cannot stop Slurm job {record.slurm_job_id}: {exc}") from None
-        if result.rc != 0 and "already completing or completed" not in result.err:
+        ended = result.rc != 0 and (
+            "already completing or completed" in result.err or INVALID_JOB in result.err
+        )
+        if result.rc != 0 and not ended:
             raise JobError(f"scancel of Slurm job {record.slurm_job_id} failed: {result.message()}")
+        if ended and first:
+            self._ended_before_the_stop(job)
+            raise JobError(
+                f"Slurm job {record.slurm_job_id} already ended on its own; its end is reported "
+                "as Slurm gives it"
+            )
         log.info("Slurm job stop", batch_id=batch_id, job=record.slurm_job_id, pending=pending)
         self._wake.set()
         return record
+
+    def _ended_before_the_stop(self, job: SlurmJob) -> None:
+        """The job ended on its own before a first stop reached it (the queue watcher had not
+        seen it yet): forget the stop, so that its end is reported as its own (a job that
+        completed is done, not "stopped on request"), and let the watcher learn it now."""
+        if job.killer is not None:
+            job.killer.cancel()
+            job.killer = None
+        job.record = job.record.with_changes(
+            stop_requested_by=None, stop_requested_at=None, stop_grace_s=None
+        )
+        self.store.save(job.record)
+        self._wake.set()
 
     async def _kill_after(self, job: SlurmJob, delay: float) -> None:
         """The end of a stop's grace period: cancel the job if it still runs, trying again

@@ -196,7 +196,9 @@ class QueueWatch:
             exit_code=exit_code,
             exit_signal=sig if sig and 0 < sig < 65 else None,
             exit_note=note,
-            ended_at=end_time or time.time(),
+            # Slurm's EndTime is whole seconds; the start the agent saw is its own clock's:
+            # a job that ended within the second it started must not end before it began.
+            ended_at=max(end_time or time.time(), job.record.started_at or 0.0),
         )
         self.store.save(job.record)
         job.ended.set()

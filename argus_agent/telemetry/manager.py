@@ -37,7 +37,9 @@ def lifecycle_event(record: JobRecord, source: EventSource) -> OutEvent:
     """``batch_done`` for a job that exited 0 on its own, else ``batch_failed`` saying why."""
     elapsed = None
     if record.ended_at and (record.started_at or record.launched_at):
-        elapsed = round(record.ended_at - (record.started_at or record.launched_at), 3)
+        # Never negative: start and end may come from different clocks (Slurm's whole
+        # seconds, the agent's own).
+        elapsed = max(0.0, round(record.ended_at - (record.started_at or record.launched_at), 3))
     common = {
         "exit_code": record.exit_code,
         "exit_signal": record.exit_signal,

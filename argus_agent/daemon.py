@@ -307,6 +307,7 @@ class Agent:
             if isinstance(channel, AutoChannel):  # one websocket announces every name
                 channel.served = self.served.announced
                 self.served.covered = channel.covered
+                self.served.on_change = channel.reannounce
         control = ControlServer(
             state_dir / SOCKET_NAME,
             self.snapshot,

@@ -311,3 +311,21 @@ async def test_one_websocket_announces_every_served_name(
         assert running.agent.channel.session.commands_received >= 1
         argus.stop(batch)
         await running.agent.jobs.wait_ended(batch, timeout=30)
+
+
+async def test_names_registered_while_the_websocket_is_open_are_announced_at_once(
+    argus: ArgusUser, slurm: SlurmCluster, slurm_settings, user_token: str
+) -> None:
+    """The daemon registers the served names itself after its websocket opened (a first
+    start, or a node added to the cluster): it reconnects at once to announce them, instead
+    of polling them until some later reconnect."""
+    settings = slurm_settings(server={"token": user_token}, jobs={"slurm_hosts": SERVED})
+    await register(settings, user_token)
+    async with RunningAgent(settings) as running:
+        await eventually(
+            lambda: running.agent.snapshot()["served_hosts"]["states"] == {"websocket": 2},
+            what="both names on the websocket",
+        )
+        assert running.agent.channel.sessions == 2  # the first, and the one announcing them
+        assert running.agent.state.channel.kind == "websocket"
+        assert running.agent.snapshot()["served_hosts"]["problem_count"] == 0

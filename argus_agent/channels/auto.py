@@ -183,6 +183,7 @@ class AutoChannel:
         #: The served names' registrations to announce in hello (agent id → host name;
         #: set by the daemon when it serves names, see channels/served.py).
         self.served: Callable[[], dict[str, str]] = dict
+        self._reannounce = False
 
     @property
     def health(self) -> Health:
@@ -303,6 +304,7 @@ class AutoChannel:
             on_down=self._down,
             serving={i: announced[i] for i in welcome.serving if i in announced},
         )
+        session.announced = frozenset(announced)
         if len(session.serving) < len(announced):
             log.info(
                 "the server did not accept every served name on the websocket; the others "
@@ -311,6 +313,16 @@ class AutoChannel:
                 accepted=len(session.serving),
             )
         return await self._serve(session, shutdown)
+
+    def reannounce(self) -> None:
+        """The served names changed (new ones registered, new tokens): reconnect now, so
+        that the next hello announces them (pending commands are pushed again on the new
+        connection; the ledger acts on each once)."""
+        session = self.session
+        if session is None or not session.open or frozenset(self.served()) == session.announced:
+            return
+        self._reannounce = True
+        session.close_soon("reconnecting to announce a new set of served names")
 
     def covered(self) -> frozenset[str]:
         """The served names whose commands the open websocket carries now."""
@@ -346,6 +358,10 @@ class AutoChannel:
             self.session = None
             state.connected_since = None
         if shutdown.is_set():
+            return 0.0, False
+        if self._reannounce and end.by_agent:
+            self._reannounce = False
+            log.info("websocket reconnects to announce the served names")
             return 0.0, False
         if end.lasted_s >= HEALTHY_SESSION_S:
             self.backoff.reset()

@@ -16,7 +16,8 @@ poll interval (a poll also counts as the name's heartbeat in Argus v0.3.0: it bu
 - commands go to the daemon's one dispatcher, one at a time (``_handling``), tagged with the
   name (``via``) so that a pending ack is flushed through that name's registration;
 - names the websocket session announced and the server accepted (``covered``) are not
-  polled while it is open: their commands arrive on the websocket.
+  polled while it is open: their commands arrive on the websocket; when the registrations
+  change (``on_change``), the websocket reconnects at once to announce them.
 
 ``refresh`` (at start, every ``REFRESH_S``, and every ``RETRY_REGISTER_S`` while a name has
 no working registration) decides the names again (``sinfo`` for ``["*"]``), registers the
@@ -122,6 +123,8 @@ class ServedHostsPoller:
         )
         #: Names whose commands the websocket carries now (set by the websocket channel).
         self.covered: Callable[[], frozenset[str]] = frozenset
+        #: Told when the served registrations changed (the websocket announces them anew).
+        self.on_change: Callable[[], None] = lambda: None
         self.health = Health(settings.agent.stall_timeout_s)
         self._gate = asyncio.Semaphore(POLL_CONCURRENCY)
         self._handling = asyncio.Lock()
@@ -254,11 +257,14 @@ class ServedHostsPoller:
                 ),
             )
         gone = set(self.hosts) - set(fresh)
+        changed = gone or any(self.hosts.get(name) is not state for name, state in fresh.items())
         if gone or new:
             log.info("served host names", serving=len(fresh), added=len(new), dropped=len(gone))
         self.hosts = fresh
         self.view.unregistered = unregistered
         self.dispatcher.served_hosts = frozenset(fresh) | frozenset(unregistered)
+        if changed:
+            self.on_change()
 
     # -- polling ------------------------------------------------------------------------
 

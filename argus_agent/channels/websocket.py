@@ -150,6 +150,10 @@ class WebSocketSession:
         self._closing = False
         #: Commands received on this connection (for tests and the log).
         self.commands_received = 0
+        #: The served names' agent ids its hello announced (set by the channel).
+        self.announced: frozenset[str] = frozenset()
+        self._close_asked = asyncio.Event()
+        self._close_reason = ""
 
     @property
     def open(self) -> bool:
@@ -192,10 +196,25 @@ class WebSocketSession:
             lasted_s=time.monotonic() - self.opened_at,
         )
 
+    def close_soon(self, reason: str) -> None:
+        """Close this connection normally (1000, ``reason``), as at shutdown: the command in
+        progress finishes, queued ones are handled."""
+        self._close_reason = reason
+        self._close_asked.set()
+
     async def _close_on(self, shutdown: asyncio.Event) -> None:
-        await shutdown.wait()
+        waits = {
+            asyncio.create_task(shutdown.wait()),
+            asyncio.create_task(self._close_asked.wait()),
+        }
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
         self._closing = True
-        await self.ws.close(wsproto.CloseCode.NORMAL, "the agent stops")
+        reason = "the agent stops" if shutdown.is_set() else self._close_reason
+        await self.ws.close(wsproto.CloseCode.NORMAL, reason)
 
     # -- frames from the server -------------------------------------------------------------
 

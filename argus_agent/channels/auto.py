@@ -340,6 +340,7 @@ class AutoChannel:
         self.fallback, self._reported = None, None
         self.sessions += 1
         self.session = session
+        self.reannounce()  # names registered while this connection was being opened
         now = time.time()
         state = self.state
         state.ok()

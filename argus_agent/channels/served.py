@@ -129,6 +129,7 @@ class ServedHostsPoller:
         self._gate = asyncio.Semaphore(POLL_CONCURRENCY)
         self._handling = asyncio.Lock()
         self._next_refresh = 0.0
+        self._covered: frozenset[str] = frozenset()
         #: Names with acks still pending in the ledger (an ack failed, or an earlier run's).
         self._pending = {e.via for e in dispatcher.ledger.pending_acks() if e.via is not None}
 
@@ -150,27 +151,31 @@ class ServedHostsPoller:
             if now >= self._next_refresh:
                 await self.refresh()
             covered = self.covered()
-            due = []
+            if covered != self._covered:
+                self._uncovered(self._covered - covered, now)
+                self._covered = covered
+            due, next_at = [], self._next_refresh
             for name, state in self.hosts.items():
-                if state.next_due > now:
+                if name in covered:  # its commands come on the websocket: not polled
                     continue
-                if name in covered:  # its commands come on the websocket; keep its phase
-                    state.next_due += self.interval
-                else:
+                if state.next_due <= now:
                     due.append(state)
+                else:
+                    next_at = min(next_at, state.next_due)
             if due:
                 await asyncio.gather(*(self._poll(state) for state in due))
-            wait = (
-                min(
-                    [s.next_due for s in self.hosts.values()] + [self._next_refresh],
-                    default=now + MAX_SLEEP_S,
-                )
-                - time.monotonic()
-            )
-            wait = min(max(wait, 0.0), MAX_SLEEP_S)
+                next_at = min([next_at, *(s.next_due for s in due)])
+            wait = min(max(next_at - time.monotonic(), 0.0), MAX_SLEEP_S)
             self.health.report("served_hosts", wait)
             if await sleep_unless(shutdown, wait):
                 break
+
+    def _uncovered(self, names: frozenset[str], now: float) -> None:
+        """Names the websocket no longer carries (it dropped): poll them from now on,
+        spread over one interval rather than all at once."""
+        back = sorted(name for name in names if name in self.hosts)
+        for i, name in enumerate(back):
+            self.hosts[name].next_due = now + self.interval * i / len(back)
 
     # -- names and registrations --------------------------------------------------------
 

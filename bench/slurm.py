@@ -17,14 +17,21 @@ in this process) submits them, then ticks: one squeue for all 100, and the copy 
 output. Per tick: this process's CPU time, its children's (squeue), wall time and slurmctld's
 CPU time; one sstat reading of all 100 separately (every ``jobs.slurm_usage_interval_s``).
 
+Part 3 (served host names): one ``argus-agent run`` process serving ``--served`` host names
+(``jobs.slurm_hosts``; it registers them itself), polling each at ``--interval`` over REST
+(what Argus v0.3.0 offers), then over one websocket announcing them all; its CPU time and
+memory over ``--seconds``, less an agent serving none.
+
 Needs root and Debian's slurmctld, slurmd, slurm-client and munge.
-Usage: python bench/slurm.py [--trials 10] [--jobs 100] [--ticks 20]
+Usage: python bench/slurm.py [--trials 10] [--jobs 100] [--ticks 20] [--served 256]
+       [--seconds 30] [--interval 2] [--parts 123]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import statistics
@@ -33,6 +40,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -246,11 +255,131 @@ def cost(count: int, ticks: int) -> None:
         asyncio.run(_cost(cluster, Path(tmp), count, ticks))
 
 
+# -- part 3 ----------------------------------------------------------------------------------
+
+
+def _served_run(
+    cluster,  # type: ignore[no-untyped-def]
+    server: DevServer,
+    token: str,
+    root: Path,
+    transport: str,
+    names: list[str],
+    seconds: float,
+    interval: float,
+) -> dict[str, float]:
+    """One agent process serving ``names`` over ``transport``: the time until every name
+    is registered and served, then its CPU time and memory over ``seconds``."""
+    settings = settings_for(server.url, root, jobs={"launcher": "slurm"})
+    env = agent_env(
+        settings,
+        ARGUS_TOKEN=token,
+        SLURM_CONF=str(cluster.conf),
+        ARGUS_AGENT_JOBS_LAUNCHER="slurm",
+        ARGUS_AGENT_JOBS_SLURM_HOSTS=json.dumps(names),
+        ARGUS_AGENT_SERVER_TRANSPORT=transport,
+        ARGUS_AGENT_AGENT_POLL_INTERVAL_S=str(interval),
+        ARGUS_AGENT_AGENT_HEARTBEAT_INTERVAL_S=str(interval),
+    )
+    subprocess.run(
+        [sys.executable, "-m", "argus_agent.cli", "register"],
+        env={**env, "ARGUS_AGENT_JOBS_SLURM_HOSTS": "[]"},  # the daemon registers the names
+        check=True,
+        capture_output=True,
+    )
+    started = time.monotonic()
+    agent = AgentProcess(env, root / "agent.log")
+    try:
+        asyncio.run(agent.status())
+        want = len(names)
+
+        def serving() -> bool:
+            doc = json.loads(
+                subprocess.run(
+                    [sys.executable, "-m", "argus_agent.cli", "status", "--json"],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+            )
+            states = (doc.get("served_hosts") or {}).get("states") or {}
+            ok = states.get("connected", 0) + states.get("websocket", 0)
+            return ok == want and (transport == "poll" or doc["channel"]["kind"] == "websocket")
+
+        _wait(serving, timeout=300, interval=0.2)
+        ready_s = time.monotonic() - started
+        time.sleep(2 * interval)  # past the first round of polls
+        proc = psutil.Process(agent.proc.pid)
+        before = proc.cpu_times()
+        time.sleep(seconds)
+        after = proc.cpu_times()
+        rss_mb = proc.memory_info().rss / 2**20
+    finally:
+        agent.stop()
+    cpu = (after.user + after.system) - (before.user + before.system)
+    return {"ready_s": ready_s, "cpu_s": cpu, "rss_mb": rss_mb}
+
+
+def served(count: int, seconds: float, interval: float) -> None:
+    """What serving ``count`` host names costs one agent: over REST polling (Argus v0.3.0:
+    one poll per name per interval) and over one websocket announcing them all."""
+    names = [f"gpu-node-{i:03d}" for i in range(count)]
+    with started_cluster() as cluster, tempfile.TemporaryDirectory(prefix="argus-bench-") as tmp:
+        server = DevServer(
+            db_path=Path(tmp) / "argus.sqlite", ingest_rate_limit=False, poll_interval_s=interval
+        )
+        server.start()
+        try:
+            token = server.create_user("alice")
+            runs = {
+                (transport, n): _served_run(
+                    cluster,
+                    server,
+                    token,
+                    Path(tmp) / f"{transport}-{n}",
+                    transport,
+                    names[:n],
+                    seconds,
+                    interval,
+                )
+                for transport, n in (("poll", 0), ("poll", count), ("auto", 0), ("auto", count))
+            }
+        finally:
+            server.stop()
+    print(
+        f"part 3: {count} served host names, one agent process, poll interval {interval:g} s, "
+        f"{seconds:g} s measured"
+    )
+    print("channel      names  ready s  agent CPU % core  RSS MB  CPU µs per poll")
+    for (transport, n), run in runs.items():
+        polls = n * seconds / interval
+        base = runs[(transport, 0)]
+        extra = run["cpu_s"] - base["cpu_s"]
+        per_poll = f"{extra / polls * 1e6:15.0f}" if polls and transport == "poll" else " " * 15
+        label = "REST polling" if transport == "poll" else "websocket   "
+        print(
+            f"{label} {n:6d} {run['ready_s']:8.1f} {run['cpu_s'] / seconds * 100:17.2f} "
+            f"{run['rss_mb']:7.1f} {per_poll}"
+        )
+    poll_extra = runs[("poll", count)]["cpu_s"] - runs[("poll", 0)]["cpu_s"]
+    per_name = poll_extra / seconds / count * 100
+    rss_per_name = (runs[("poll", count)]["rss_mb"] - runs[("poll", 0)]["rss_mb"]) / count
+    print(
+        f"per served name over REST at Argus' 10 s interval: {per_name * interval / 10:.4f} % "
+        f"of a core, {rss_per_name * 1024:.0f} KiB; one agent process per name instead: "
+        f"{runs[('poll', 0)]['rss_mb']:.0f} MiB each"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--ticks", type=int, default=20)
+    parser.add_argument("--served", type=int, default=256, help="served host names (part 3)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="part 3's measuring time")
+    parser.add_argument("--interval", type=float, default=2.0, help="part 3's poll interval")
+    parser.add_argument("--parts", default="123", help="which parts to run, e.g. 3")
     args = parser.parse_args()
     why = unavailable()
     if why:
@@ -261,8 +390,12 @@ def main() -> None:
         f"{platform.node()}: {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, {slurm}"
     )
-    latency(args.trials)
-    cost(args.jobs, args.ticks)
+    if "1" in args.parts:
+        latency(args.trials)
+    if "2" in args.parts:
+        cost(args.jobs, args.ticks)
+    if "3" in args.parts:
+        served(args.served, args.seconds, args.interval)
 
 
 if __name__ == "__main__":

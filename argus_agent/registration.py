@@ -138,7 +138,8 @@ def reporter_token_hint(
         else f"store your em_live_ token in {suggested} (mode 0600, owned by root), then "
     )
     return (
-        "note: the agent has no reporter token of its own, so it will not send telemetry "
+        "note: the agent service has no reporter token of its own (ARGUS_TOKEN or "
+        "--token-file here does not reach a systemd service), so it will not send telemetry "
         "(resource snapshots, log lines, how each run ended) for the runs it starts; "
         f"reruns and stops work without it. To give it one, {store}set "
         f'server.token_file = "{suggested}" in {config_path} and restart the agent'

@@ -317,6 +317,7 @@ async def test_a_stop_that_comes_after_the_job_ended_on_its_own_leaves_its_end_i
         batch = argus.rerun(argus.record_batch("true"))
         ack = await eventually(lambda: argus.acked(batch, "rerun"), what="the rerun")
         await eventually(lambda: slurm.queue().get(ack["pid"]) == "COMPLETED", what="its end")
+        assert slurm.job(ack["pid"])["JobName"] == f"argus-{batch}"  # none was recorded
         assert running.agent.jobs.get(batch).running  # the agent has not looked yet
         argus.stop(batch)
         stop = await eventually(lambda: argus.acked(batch, "stop"), what="the stop's ack")

@@ -227,6 +227,9 @@ class SlurmJobs(QueueWatch, JobTable[SlurmJobRecord]):
             host=spec.host,
         )
         options += list(jobs.slurm_extra_args)
+        if not any(o.startswith(("--job-name", "-J")) for o in options):
+            # Else squeue shows "sbatch" (the script comes on stdin): say whose run it is.
+            options.append(f"--job-name=argus-{spec.batch_id}")
         out_dir = (jobs.slurm_output_dir or spec.cwd) / slurm_files.output_dir_name(spec.batch_id)
         if "%" in str(out_dir) or "\\" in str(out_dir):
             raise PayloadError(

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic.fields import FieldInfo
@@ -270,19 +271,28 @@ def _sample(field: FieldInfo) -> object:
     return default
 
 
+#: Keys that are only valid with others set (given the same way, in the same section).
+COMPANIONS: dict[tuple[str, str], dict[str, Any]] = {
+    ("jobs", "slurm_hosts"): {"launcher": "slurm"},
+    ("jobs", "slurm_partitions"): {"launcher": "slurm", "slurm_hosts": ["*"]},
+}
+
+
 def test_every_key_can_be_set_from_the_environment_as_in_the_file(tmp_path: Path) -> None:
     empty = tmp_path / "empty.toml"
     empty.write_text("")
     for section, model in SECTIONS.items():
         for key, field in model.model_fields.items():
-            value = _sample(field)
-            name = f"ARGUS_AGENT_{section.upper()}_{key.upper()}"
+            values = {**COMPANIONS.get((section, key), {}), key: _sample(field)}
+            names = {k: f"ARGUS_AGENT_{section.upper()}_{k.upper()}" for k in values}
             path = tmp_path / "one.toml"
-            path.write_text(f"[{section}]\n{key} = {_toml_text(value)}\n")
+            lines = "".join(f"{k} = {_toml_text(v)}\n" for k, v in values.items())
+            path.write_text(f"[{section}]\n{lines}")
             path.chmod(0o600)  # server.token may be in it
             from_file = load_settings(path, environ={})
-            from_env = load_settings(empty, environ={name: _env_text(value)})
-            assert from_env == from_file, f"{name}={_env_text(value)}"
+            environ = {names[k]: _env_text(v) for k, v in values.items()}
+            from_env = load_settings(empty, environ=environ)
+            assert from_env == from_file, environ
 
 
 def test_environment_tables_and_lists_are_json(tmp_path: Path) -> None:

@@ -149,10 +149,12 @@ def _empty(value: Any) -> bool:
 
 class ServedName(_Message):
     """A host name the agent serves besides its own, through that name's registration
-    (``jobs.slurm_hosts``: a Slurm login node serving compute nodes)."""
+    (``jobs.slurm_hosts``: a Slurm login node serving compute nodes), with that
+    registration's agent token as proof (the server checks it as a REST poll would)."""
 
     agent_id: SafeId
     hostname: str = Field(min_length=1, max_length=255)
+    token: str = Field(min_length=1, max_length=256, repr=False)
 
 
 class Hello(_Message):
@@ -163,12 +165,14 @@ class Hello(_Message):
     version: str = Field(min_length=1, max_length=64)
     hostname: str = Field(min_length=1, max_length=255)
     capabilities: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(max_length=64)
+    #: Registrations this connection also serves (optional; left out when none): the
+    #: server pushes their commands here too, and counts them alive while it is open.
+    #: Declared before the fields that end the frame: a library's debug log of a frame
+    #: shows its first and last characters, never its middle.
+    serves: list[ServedName] = Field(default_factory=list, max_length=10_000, exclude_if=_empty)
     running_jobs: list[RunningJob] = Field(max_length=10_000)
     #: The highest events seq the agent knows the server confirmed (None: none yet).
     last_confirmed_seq: Seq | None
-    #: Registrations this connection also serves (optional; left out when none): the
-    #: server pushes their commands here too, and counts them alive while it is open.
-    serves: list[ServedName] = Field(default_factory=list, max_length=10_000, exclude_if=_empty)
 
 
 class Ack(_Message):

@@ -73,10 +73,10 @@ class TinyServer:
 
 @contextlib.asynccontextmanager
 async def _channel(
-    url: str, tmp_path: Path, served: dict[str, str] | None = None
+    url: str, tmp_path: Path, served: dict[str, tuple[str, str]] | None = None
 ) -> AsyncIterator[tuple[AutoChannel, Dispatcher]]:
     """An AutoChannel (``websocket`` mode) with a real dispatcher, running until the end;
-    ``served``: the served names' registrations it announces (agent id → host name)."""
+    ``served``: the served names' registrations it announces (agent id → (host, token))."""
     settings = settings_for(url, tmp_path, server={"transport": "websocket", "timeout_s": 1.0})
     state_dir = settings.agent.state_dir
     state_dir.mkdir(parents=True)
@@ -243,7 +243,7 @@ async def test_a_command_for_a_registration_not_served_here_is_refused_unacted(
             elif message["type"] == "ack":
                 await ws.send(_ack_result(message["cmd_id"], "ok"))
 
-    served = {"agent-served001": "gpu-a", "agent-refused01": "gpu-b"}
+    served = {"agent-served001": ("gpu-a", "ag_live_a"), "agent-refused01": ("gpu-b", "ag_live_b")}
     tiny = TinyServer(session, serving=["agent-served001"])
     async with tiny.running(), _channel(tiny.url, tmp_path, served) as (_, dispatcher):
         await eventually(lambda: len(errors) == 2, what="two error frames")
@@ -255,8 +255,8 @@ async def test_a_command_for_a_registration_not_served_here_is_refused_unacted(
         assert dispatcher.ledger.get("c-foreign") is None
         assert dispatcher.ledger.get("c-refused") is None
     assert tiny.hellos[0]["serves"] == [
-        {"agent_id": "agent-refused01", "hostname": "gpu-b"},
-        {"agent_id": "agent-served001", "hostname": "gpu-a"},
+        {"agent_id": "agent-refused01", "hostname": "gpu-b", "token": "ag_live_b"},
+        {"agent_id": "agent-served001", "hostname": "gpu-a", "token": "ag_live_a"},
     ]
     assert sorted(e["ref"] for e in errors) == ["c-foreign", "c-refused"]
     assert all(e["code"] == "bad_field" and "not served here" in e["reason"] for e in errors)

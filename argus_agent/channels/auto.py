@@ -48,7 +48,7 @@ from argus_agent.dispatcher import Dispatcher
 from argus_agent.errors import ServerError, TransientServerError
 from argus_agent.health import Health
 from argus_agent.logsetup import get_logger
-from argus_agent.protocol import KNOWN_KINDS
+from argus_agent.protocol import CMD_ID_RE, KNOWN_KINDS
 from argus_agent.status import ChannelState
 
 log = get_logger(__name__)
@@ -102,10 +102,11 @@ def make_hello(
     hostname: str,
     dispatcher: Dispatcher,
     seqs: SeqCounter,
-    serves: Mapping[str, str] | None = None,
+    serves: Mapping[str, tuple[str, str]] | None = None,
 ) -> wsproto.Hello:
     """The hello of this agent: its jobs that have not ended, the last confirmed seq, and
-    the served names' registrations (``serves``: agent id → host name)."""
+    the served names' registrations (``serves``: agent id → (host name, agent token)), as
+    many as fit ``HELLO_BUDGET_BYTES`` (the others are polled)."""
     running = [
         wsproto.RunningJob(batch_id=r.batch_id, pid=r.pid, state=r.state)  # type: ignore[arg-type]
         for r in dispatcher.jobs.records()
@@ -118,11 +119,29 @@ def make_hello(
         capabilities=[*sorted(KNOWN_KINDS), "events"],
         running_jobs=running[:10_000],
         last_confirmed_seq=seqs.confirmed or None,
-        serves=[
-            wsproto.ServedName(agent_id=agent_id, hostname=name)
-            for agent_id, name in sorted((serves or {}).items())
-        ][:10_000],
+        serves=_within_budget(serves or {}),
     )
+
+
+#: The most bytes of served names in one hello: the server takes a hello of at most
+#: ``wsproto.MAX_MESSAGE_BYTES``, which its running jobs share.
+HELLO_BUDGET_BYTES = wsproto.MAX_MESSAGE_BYTES // 2
+
+
+def _within_budget(serves: Mapping[str, tuple[str, str]]) -> list[wsproto.ServedName]:
+    """The served names to announce, by agent id, as many as fit the hello's budget; ids
+    that are not the protocol's shape are left to polling."""
+    out: list[wsproto.ServedName] = []
+    used = 0
+    for agent_id, (hostname, token) in sorted(serves.items()):
+        if not CMD_ID_RE.fullmatch(agent_id) or len(out) >= 10_000:
+            continue
+        cost = len(agent_id) + len(hostname.encode()) + len(token.encode()) + 48
+        if used + cost > HELLO_BUDGET_BYTES:
+            break
+        used += cost
+        out.append(wsproto.ServedName(agent_id=agent_id, hostname=hostname, token=token))
+    return out
 
 
 class AutoChannel:
@@ -182,7 +201,7 @@ class AutoChannel:
         self.sessions = 0
         #: The served names' registrations to announce in hello (agent id → host name;
         #: set by the daemon when it serves names, see channels/served.py).
-        self.served: Callable[[], dict[str, str]] = dict
+        self.served: Callable[[], dict[str, tuple[str, str]]] = dict
         self._reannounce = False
 
     @property
@@ -302,9 +321,9 @@ class AutoChannel:
             answer_timeout_s=self.client.deadline_s,
             on_contact=self._contact,
             on_down=self._down,
-            serving={i: announced[i] for i in welcome.serving if i in announced},
+            serving={i: announced[i][0] for i in welcome.serving if i in announced},
         )
-        session.announced = frozenset(announced)
+        session.announced = frozenset(announced.items())
         if len(session.serving) < len(announced):
             log.info(
                 "the server did not accept every served name on the websocket; the others "
@@ -319,7 +338,9 @@ class AutoChannel:
         that the next hello announces them (pending commands are pushed again on the new
         connection; the ledger acts on each once)."""
         session = self.session
-        if session is None or not session.open or frozenset(self.served()) == session.announced:
+        if session is None or not session.open:
+            return
+        if frozenset(self.served().items()) == session.announced:
             return
         self._reannounce = True
         session.close_soon("reconnecting to announce a new set of served names")

@@ -193,9 +193,9 @@ class ServedHostsPoller:
             names = [name for name in names if name in self.settings.jobs.slurm_hosts]
         self._adopt(names, known, {})
 
-    def announced(self) -> dict[str, str]:
-        """The registrations to announce on the websocket: agent id → host name."""
-        return {state.host.agent_id: name for name, state in self.hosts.items()}
+    def announced(self) -> dict[str, tuple[str, str]]:
+        """The registrations to announce on the websocket: agent id → (host name, token)."""
+        return {s.host.agent_id: (name, s.host.agent_token) for name, s in self.hosts.items()}
 
     async def refresh(self) -> None:
         """Decide the served names again, register new ones, pick up rotated tokens."""

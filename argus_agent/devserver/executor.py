@@ -23,7 +23,16 @@ import uuid
 from typing import Any
 
 from .ingest import record_server_event
-from .store import ApiError, Principal, Store, loads_or, new_uuid, row_dict, utcnow_iso
+from .store import (
+    ApiError,
+    Principal,
+    Store,
+    loads_or,
+    new_uuid,
+    row_dict,
+    sha256_hex,
+    utcnow_iso,
+)
 
 RERUN_ALLOWED = frozenset({"done", "failed", "cancelled", "stopped"})
 STOP_LIVE = frozenset({"running", "stalled", "requested", "pending"})
@@ -309,22 +318,23 @@ def list_commands(
 
 
 def served_agents(
-    store: Store, owner_id: int, own_id: str, announced: list[tuple[str, str]]
+    store: Store, owner_id: int, own_id: str, announced: list[tuple[str, str, str]]
 ) -> tuple[dict[str, str], dict[str, str]]:
-    """Which of a websocket hello's ``serves`` (agent id, host name) the connection may
-    serve: registrations of the same Argus user as the connecting agent, under that host
-    name. Returns (accepted: agent id → host name, refused: agent id → why)."""
+    """Which of a websocket hello's ``serves`` (agent id, host name, agent token) the
+    connection may serve: registrations under that host name whose token it holds (the
+    check of a REST poll), made by the same Argus user as the connecting agent. Returns
+    (accepted: agent id → host name, refused: agent id → why)."""
     accepted: dict[str, str] = {}
     refused: dict[str, str] = {}
     with store.read() as db:
-        for agent_id, hostname in announced:
+        for agent_id, hostname, token in announced:
             row = db.execute(
-                "SELECT owner_id, hostname FROM agents WHERE id = ?", (agent_id,)
+                "SELECT owner_id, hostname, token_hash FROM agents WHERE id = ?", (agent_id,)
             ).fetchone()
             if agent_id == own_id:
                 refused[agent_id] = "the connection's own agent"
-            elif row is None:
-                refused[agent_id] = "no such agent"
+            elif row is None or row["token_hash"] != sha256_hex(token):
+                refused[agent_id] = "no such agent, or not its token"
             elif int(row["owner_id"]) != owner_id:
                 refused[agent_id] = "registered by another user"
             elif row["hostname"] != hostname:

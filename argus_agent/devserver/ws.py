@@ -218,9 +218,19 @@ class WsHub:
                 del self._served[agent_id]
 
     def _serve(self, session: _Session) -> None:
-        """Route the commands of the session's served names to it (the newest wins)."""
+        """Route the commands of the session's served names to it. The newest wins: an
+        older session that served one of them stops pushing its commands."""
         for agent_id in session.serving:
+            old = self._served.get(agent_id)
+            if old is not None and old is not session:
+                old.serving.pop(agent_id, None)
             self._served[agent_id] = session
+
+    def _unserve(self, session: _Session, agent_id: str) -> None:
+        """The session no longer serves *agent_id* (its token was rotated or revoked)."""
+        session.serving.pop(agent_id, None)
+        if self._served.get(agent_id) is session:
+            del self._served[agent_id]
 
     async def endpoint(self, websocket: WebSocket) -> None:
         """The ASGI websocket route: refuse, or accept and run a session to its end."""
@@ -291,6 +301,8 @@ class _Session:
         self.pushed: set[str] = set()  # command ids pushed on this connection
         #: hello's served names this connection may serve: agent id -> host name.
         self.serving: dict[str, str] = {}
+        #: Their tokens, checked again with the connection's own (rotated: not served).
+        self.served_tokens: dict[str, str] = {}
         self._send_lock = asyncio.Lock()
         self._bad: collections.deque[float] = collections.deque()
         self._touched = 0.0
@@ -400,11 +412,12 @@ class _Session:
                 confirmed,
             )
         if decoded.serves:
+            self.served_tokens = {n.agent_id: n.token for n in decoded.serves}
             self.serving, refused = executor.served_agents(
                 self.store,
                 self.owner_id,
                 self.agent_id,
-                [(n.agent_id, n.hostname) for n in decoded.serves],
+                [(n.agent_id, n.hostname, n.token) for n in decoded.serves],
             )
             executor.touch_agents(self.store, list(self.serving))
             if refused:
@@ -601,6 +614,11 @@ class _Session:
             try:
                 await asyncio.wait_for(self.wake.wait(), self.options.recheck_s)
             except TimeoutError:
+                for served_id in list(self.serving):
+                    holder = self.store.agent_for_token(self.served_tokens.get(served_id, ""))
+                    if holder is None or holder["id"] != served_id:
+                        _log.info("agent %s no longer serves %s (token)", self.agent_id, served_id)
+                        self.hub._unserve(self, served_id)
                 agent = self.store.agent_for_token(self.token)
                 if agent is None or agent["id"] != self.agent_id:
                     await self._error(

@@ -258,7 +258,7 @@ class JobSettings(Section):
     @field_validator("run_as")
     @classmethod
     def _user_name(cls, value: str | None) -> str | None:
-        if value is not None and not USER_NAME_RE.match(value):
+        if value is not None and not USER_NAME_RE.fullmatch(value):
             raise ValueError("expected an OS user name")
         return value
 
@@ -266,6 +266,6 @@ class JobSettings(Section):
     @classmethod
     def _user_map(cls, value: dict[str, str]) -> dict[str, str]:
         for argus_user, os_user in value.items():
-            if os_user != "*" and not USER_NAME_RE.match(os_user):
+            if os_user != "*" and not USER_NAME_RE.fullmatch(os_user):
                 raise ValueError(f"{argus_user}: expected an OS user name or '*'")
         return value

@@ -159,7 +159,7 @@ def decode_command(item: Any) -> Command | MalformedCommand:
         return MalformedCommand(
             cmd_id, f"malformed command: {where}: {first['msg']}", kind, batch_id
         )
-    if not isinstance(command.batch_id, str) or not BATCH_ID_RE.match(command.batch_id):
+    if not isinstance(command.batch_id, str) or not BATCH_ID_RE.fullmatch(command.batch_id):
         return MalformedCommand(
             command.id,
             f"malformed command: batch_id {command.batch_id[:80]!r} has an unsafe shape",
@@ -183,7 +183,7 @@ def _usable(item: dict, key: str, shape: re.Pattern[str] | None = None) -> str |
     value = item.get(key)
     if not isinstance(value, str) or not value or len(value) > 128 or not _is_unicode(value):
         return None
-    if shape is not None and not shape.match(value):
+    if shape is not None and not shape.fullmatch(value):
         return None
     return value
 

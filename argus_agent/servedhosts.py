@@ -72,7 +72,7 @@ async def served_names(
             raise StateError('jobs.slurm_hosts = ["*"] needs Slurm\'s sinfo on this host')
         names = []
         for name in await list_nodes(jobs.slurm_partitions):
-            if HOST_RE.match(name):
+            if HOST_RE.fullmatch(name):
                 names.append(name)
             else:
                 log.warning("sinfo reported a node name that is not a host name", node=name[:80])
@@ -113,7 +113,7 @@ class ServedRegistrations:
                     registered_at=str(entry.get("registered_at", "")),
                 )
                 for name, entry in dict(data["hosts"]).items()
-                if isinstance(name, str) and HOST_RE.match(name)
+                if isinstance(name, str) and HOST_RE.fullmatch(name)
             }
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StateError(

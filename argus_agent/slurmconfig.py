@@ -128,13 +128,13 @@ def check(values: Any) -> None:
     """Check the Slurm keys of a JobSettings; raises ValueError naming the key."""
     _check_hosts(values.slurm_hosts, values.launcher)
     for name in values.slurm_partitions:
-        if not PARTITION_RE.match(name):
+        if not PARTITION_RE.fullmatch(name):
             raise ValueError(f"slurm_partitions: {name[:80]!r} is not a Slurm partition name")
     if values.slurm_partitions and values.slurm_hosts != [EVERY_NODE]:
         raise ValueError('slurm_partitions: only with slurm_hosts = ["*"] (every node of them)')
-    if values.slurm_partition is not None and not PARTITION_RE.match(values.slurm_partition):
+    if values.slurm_partition is not None and not PARTITION_RE.fullmatch(values.slurm_partition):
         raise ValueError("slurm_partition: expected a Slurm partition name")
-    if values.slurm_time_limit is not None and not TIME_RE.match(values.slurm_time_limit):
+    if values.slurm_time_limit is not None and not TIME_RE.fullmatch(values.slurm_time_limit):
         raise ValueError("slurm_time_limit: expected a Slurm time such as 90, 4:00:00 or 1-00:00")
     for arg in values.slurm_extra_args:
         if not arg.startswith("-") or any(ord(c) < 32 for c in arg):
@@ -160,7 +160,7 @@ def _check_hosts(hosts: list[str], launcher: str) -> None:
         raise ValueError(f"slurm_hosts: {len(hosts)} names; at most {MAX_HOSTS}")
     seen: set[str] = set()
     for name in hosts:
-        if name != EVERY_NODE and not HOST_RE.match(name):
+        if name != EVERY_NODE and not HOST_RE.fullmatch(name):
             raise ValueError(f"slurm_hosts: {name[:80]!r} is not a host name")
         if name.casefold() in seen:
             raise ValueError(f"slurm_hosts: {name!r} is listed twice")

@@ -337,7 +337,7 @@ def _ref_of(msg_type: str, obj: dict[str, Any]) -> str | None:
         if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SEQ:
             return str(value)
         return None
-    if isinstance(value, str) and CMD_ID_RE.match(value):
+    if isinstance(value, str) and CMD_ID_RE.fullmatch(value):
         return value
     return None
 

@@ -372,3 +372,50 @@ async def test_a_failing_sacct_is_asked_again_and_only_a_definite_answer_is_kept
     off = SlurmCommands(10.0, environ={"PATH": f"{tmp_path / 'off'}:/usr/bin:/bin"})
     assert await off.accounting() is False
     assert off.accounting_known is False
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "SLURM_NTASKS",
+        "SLURM_JOB_PARTITION",
+        "SLURM_CPUS_PER_TASK",
+        "SLURM_MEM_PER_NODE",
+        "SLURM_JOB_ACCOUNT",
+    ],
+)
+def test_a_recorded_value_with_a_trailing_newline_is_refused(name: str) -> None:
+    """Python's ``$`` matches before a final newline: every shape check is a full match."""
+    from argus_agent.errors import PayloadError
+    from argus_agent.jobs.slurm_resources import from_env
+
+    good = {"SLURM_NTASKS": "4", "SLURM_JOB_PARTITION": "gpu", "SLURM_CPUS_PER_TASK": "2"}
+    good |= {"SLURM_MEM_PER_NODE": "200", "SLURM_JOB_ACCOUNT": "ml"}
+    from_env({name: good[name]})
+    with pytest.raises(PayloadError, match=name):
+        from_env({name: good[name] + "\n"})
+
+
+def test_names_with_a_trailing_newline_are_refused_everywhere_they_are_checked(
+    tmp_path: Path,
+) -> None:
+    from argus_agent.protocol import Command, decode_command
+
+    empty = tmp_path / "config.toml"
+    empty.write_text("")
+    for name, value in [
+        ("ARGUS_AGENT_JOBS_SLURM_PARTITION", "gpu\n"),
+        ("ARGUS_AGENT_JOBS_SLURM_TIME_LIMIT", "90\n"),
+    ]:
+        with pytest.raises(ConfigError):
+            load_settings(empty, environ={name: value})
+    with pytest.raises(ConfigError, match="is not a host name"):
+        load_settings(
+            empty,
+            environ={
+                "ARGUS_AGENT_JOBS_LAUNCHER": "slurm",
+                "ARGUS_AGENT_JOBS_SLURM_HOSTS": '["gpu-01\\n", "gpu-01"]',
+            },
+        )
+    item = {"id": "c-1", "kind": "stop", "batch_id": "b-1\n", "payload": {}}
+    assert not isinstance(decode_command(item), Command)

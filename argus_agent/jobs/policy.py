@@ -117,7 +117,7 @@ def check_overrides(raw: Any) -> dict[str, str | int | float | bool | None]:
     if not isinstance(raw, dict):
         raise PayloadError(f"payload.overrides: expected an object, got {type(raw).__name__}")
     for key, value in raw.items():
-        if not OVERRIDE_KEY_RE.match(key):
+        if not OVERRIDE_KEY_RE.fullmatch(key):
             raise PayloadError(f"payload.overrides: key {key[:80]!r} has an unsafe shape")
         if not isinstance(value, str | int | float | bool) and value is not None:
             raise PayloadError(
@@ -146,7 +146,7 @@ def check_env(raw: Any, deny: Sequence[str]) -> tuple[dict[str, str], list[str]]
     dropped: list[str] = []
     total = 0
     for name, value in raw.items():
-        if not ENV_NAME_RE.match(name):
+        if not ENV_NAME_RE.fullmatch(name):
             raise PayloadError(f"payload.env: {name[:80]!r} is not a valid variable name")
         if not isinstance(value, str):
             raise PayloadError(f"payload.env.{name}: expected a string, got {type(value).__name__}")
@@ -270,7 +270,7 @@ def resolve_identity(
     Raises PayloadError naming both the requester and the owner.
     """
     who = requested_by if isinstance(requested_by, str) and requested_by else None
-    if owner is not None and not OS_USER_RE.match(owner.name):
+    if owner is not None and not OS_USER_RE.fullmatch(owner.name):
         raise PayloadError(f"the batch's recorded user {owner.name[:64]!r} is not an OS user name")
     if agent_uid != 0:
         return _per_user_identity(who, owner, agent_uid, userdb, agent_account, allowed_requesters)

@@ -283,7 +283,9 @@ class SlurmJobs(QueueWatch, JobTable[SlurmJobRecord]):
     ) -> int:
         """Run sbatch (as the owner when that is not the agent's user); the job id."""
         env = {
-            k: v for k, v in spec.env.items() if ENV_NAME_RE.match(k) and not is_slurm_variable(k)
+            k: v
+            for k, v in spec.env.items()
+            if ENV_NAME_RE.fullmatch(k) and not is_slurm_variable(k)
         }
         memfd = os.memfd_create("argus-agent-env", os.MFD_CLOEXEC)
         try:

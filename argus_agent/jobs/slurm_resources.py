@@ -105,7 +105,7 @@ def _value(env: Mapping[str, str], name: str, pattern: re.Pattern[str]) -> str |
     raw = env.get(name)
     if raw is None or raw in NULLS:
         return None
-    if not isinstance(raw, str) or not pattern.match(raw):
+    if not isinstance(raw, str) or not pattern.fullmatch(raw):
         raise PayloadError(
             f"the recorded {name} is {raw[:80]!r}, not a value Slurm writes there; the rerun "
             "is refused rather than submitted with it"
@@ -135,7 +135,7 @@ def from_env(env: Mapping[str, str]) -> SlurmResources:
             found["gres"] = f"gpu:{int(on_node)}"
     found["time_limit"] = _time_limit(env)
     name = env.get("SLURM_JOB_NAME")
-    found["job_name"] = name if isinstance(name, str) and JOB_NAME_RE.match(name) else None
+    found["job_name"] = name if isinstance(name, str) and JOB_NAME_RE.fullmatch(name) else None
     return SlurmResources(**found)
 
 
@@ -189,7 +189,7 @@ def sbatch_options(
     values["time_limit"] = values["time_limit"] or default_time_limit
     if pin_node:
         pinned = values["nodelist"] or host
-        values["nodelist"] = pinned if pinned and NODELIST_RE.match(pinned) else None
+        values["nodelist"] = pinned if pinned and NODELIST_RE.fullmatch(pinned) else None
     else:
         values["nodelist"] = None
     options = []

@@ -51,7 +51,7 @@ def snapshot_data(record: SlurmJobRecord, reading: dict[str, Any]) -> dict[str, 
 def snapshot_host(record: SlurmJobRecord, fallback: str) -> str:
     """Where the job runs: its one node, else the batch's recorded host, else ``fallback``."""
     nodes = record.slurm_nodes or ""
-    if nodes and NODELIST_RE.match(nodes) and not any(c in nodes for c in "[],"):
+    if nodes and NODELIST_RE.fullmatch(nodes) and not any(c in nodes for c in "[],"):
         return nodes
     return record.source_host or fallback
 

@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+from pydantic import ValidationError
 
 from argus_agent import __version__
 from argus_agent.errors import (
@@ -171,7 +172,14 @@ class ArgusClient:
         """Register this host; the server rotates the token of an existing (hostname, user)."""
         body = {"hostname": hostname, "version": __version__, "capabilities": capabilities}
         response = await self._request("POST", "/api/agents/register", user_token, body)
-        return RegisterResult.model_validate(_json(response))
+        try:
+            return RegisterResult.model_validate(_json(response))
+        except ValidationError as exc:  # a server's answer we cannot use: its error, no crash
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"]) or "answer"
+            raise ProtocolError(
+                f"POST /api/agents/register: unusable answer ({where}: {first['msg']})"
+            ) from None
 
     async def whoami(self, user_token: str) -> str:
         """The Argus username behind a reporter token (``GET /api/auth/me``)."""

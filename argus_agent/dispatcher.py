@@ -186,6 +186,9 @@ class Dispatcher:
         #: websocket and polled for a served name): the second delivery must not be taken
         #: for one an agent restart interrupted (the ledger's ``acting``).
         self._handling: set[str] = set()
+        #: Reruns launch one at a time, whichever channel delivered them: the capacity check
+        #: (jobs.max_jobs) and the launch must not interleave with another rerun's.
+        self._launching = asyncio.Lock()
         self._checks: set[threading.Thread] = set()
         self._unackable: dict[tuple[str | None, str | None, str], None] = {}
 
@@ -344,7 +347,8 @@ class Dispatcher:
             return Outcome("failed", error=reason)
         try:
             if command.kind == "rerun":
-                return await self._rerun(command, who)
+                async with self._launching:
+                    return await self._rerun(command, who)
             record = await self.jobs.stop(command.batch_id, who)
             self._audit("stop", command, who, pid=record.pid, run_as=record.run_as)
             return Outcome("started", record.pid)

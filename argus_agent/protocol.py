@@ -56,8 +56,9 @@ class RegisterResult(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    agent_id: str = Field(min_length=1, max_length=128)
-    agent_token: str = Field(min_length=8, repr=False)
+    #: The shape every id of the protocol has (it goes into URL paths and frames).
+    agent_id: str = Field(pattern=CMD_ID_RE.pattern)
+    agent_token: str = Field(min_length=8, max_length=256, repr=False)
     poll_interval_s: float = Field(default=10.0, gt=0)
     server_time_utc: str | None = None
 

@@ -33,10 +33,12 @@ from argus_agent.config import Settings
 from argus_agent.credentials import refuse_shared_token_file
 from argus_agent.errors import ServerError, StateError
 from argus_agent.fsutil import atomic_write, ensure_private_dir
+from argus_agent.jobs.slurm_cli import SlurmUnavailable
 from argus_agent.jobsettings import JobSettings
 from argus_agent.logsetup import get_logger
+from argus_agent.protocol import CMD_ID_RE
 from argus_agent.registration import same_server
-from argus_agent.slurmconfig import EVERY_NODE, HOST_RE
+from argus_agent.slurmconfig import EVERY_NODE, HOST_RE, MAX_HOSTS
 
 log = get_logger(__name__)
 
@@ -71,7 +73,14 @@ async def served_names(
         if list_nodes is None:
             raise StateError('jobs.slurm_hosts = ["*"] needs Slurm\'s sinfo on this host')
         names = []
-        for name in await list_nodes(jobs.slurm_partitions):
+        listed = await list_nodes(jobs.slurm_partitions)
+        if not listed:  # a partition filter that matches nothing, or an odd answer
+            where = f" in {', '.join(jobs.slurm_partitions)}" if jobs.slurm_partitions else ""
+            raise SlurmUnavailable(f"sinfo listed no nodes{where}")
+        if len(listed) > MAX_HOSTS:
+            log.warning("sinfo listed more nodes than are served", listed=len(listed))
+            listed = listed[:MAX_HOSTS]
+        for name in listed:
             if HOST_RE.fullmatch(name):
                 names.append(name)
             else:
@@ -113,7 +122,9 @@ class ServedRegistrations:
                     registered_at=str(entry.get("registered_at", "")),
                 )
                 for name, entry in dict(data["hosts"]).items()
-                if isinstance(name, str) and HOST_RE.fullmatch(name)
+                if isinstance(name, str)
+                and HOST_RE.fullmatch(name)
+                and CMD_ID_RE.fullmatch(str(entry["agent_id"]))
             }
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StateError(
@@ -160,6 +171,10 @@ async def register_served(
             except ServerError as exc:
                 failed[name] = str(exc)
                 return
+            except Exception as exc:  # one name's trouble never takes the others down
+                log.exception("registering a served host name failed", hostname=name)
+                failed[name] = f"agent error: {exc!r}"
+                return
             made[name] = ServedHost(name, result.agent_id, result.agent_token)
 
     await asyncio.gather(*(one(name) for name in todo))
@@ -194,7 +209,7 @@ async def register_configured(
         commands.node_names if commands.bins.get("sinfo") else None,
     )
     store = ServedRegistrations(served_path(settings.token_path))
-    known = {} if force else store.load(settings.server.url)
+    known = store.load(settings.server.url)  # with force too: a name that fails keeps its own
     client = ArgusClient(settings.server.url, timeout_s=settings.server.timeout_s)
     try:
         made, failed = await register_served(client, user_token, names, known, force=force)

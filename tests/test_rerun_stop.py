@@ -240,6 +240,58 @@ async def test_a_command_delivered_twice_at_once_is_acted_on_and_acked_once(
         ledger.close()
 
 
+async def test_two_reruns_at_once_never_pass_the_capacity_check_together(
+    make_settings, tmp_path: Path
+) -> None:
+    """Reruns from two channels at once (the websocket and a served name's poll): with room
+    for one job, one starts and the other is refused "host is full"."""
+    import asyncio
+
+    from argus_agent.audit import AuditLog
+    from argus_agent.dispatcher import Dispatcher
+    from argus_agent.jobs.store import JobStore
+    from argus_agent.jobs.supervisor import JobManager
+    from argus_agent.ledger import CommandLedger
+    from argus_agent.protocol import Command
+    from tests.support import HOST, OS_USER
+
+    settings = make_settings(jobs={"max_jobs": 1})
+    state = settings.agent.state_dir
+    state.mkdir(parents=True)
+    ledger = CommandLedger(state / "state.db")
+    jobs = JobManager(JobStore(state / "jobs"), settings.jobs)
+    dispatcher = Dispatcher(ledger, jobs, settings, AuditLog(state / "audit.log"))
+    acks: dict[str, tuple[str, str | None]] = {}
+
+    async def ack(cmd_id: str, status: str, pid: int | None, error: str | None) -> None:
+        acks[cmd_id] = (status, error)
+
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    payload = {"command": "exec sleep 30", "cwd": str(tmp_path), "host": HOST}
+    payload |= {"requested_by": "alice", "env": {"USER": OS_USER}}
+    reruns = [
+        Command(
+            id=f"c-{i}",
+            kind="rerun",
+            batch_id=f"rerun-00000000000{i}",
+            payload=payload,
+            created_at=now,
+        )
+        for i in (1, 2)
+    ]
+    try:
+        await asyncio.gather(*(dispatcher.handle(c, ack) for c in reruns))
+        assert sorted(status for status, _ in acks.values()) == ["failed", "started"], acks
+        assert any(error and "host is full" in error for _, error in acks.values())
+    finally:
+        for c in reruns:
+            if (record := jobs.get(c.batch_id)) is not None and record.running:
+                await jobs.stop(c.batch_id, "test")
+                await jobs.wait_ended(c.batch_id, timeout=15)
+        await jobs.shutdown()
+        ledger.close()
+
+
 async def test_unknown_and_malformed_commands_are_refused(
     argus: ArgusUser, make_settings, user_token: str, server
 ) -> None:

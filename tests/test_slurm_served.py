@@ -329,3 +329,64 @@ async def test_names_registered_while_the_websocket_is_open_are_announced_at_onc
         assert running.agent.channel.sessions == 2  # the first, and the one announcing them
         assert running.agent.state.channel.kind == "websocket"
         assert running.agent.snapshot()["served_hosts"]["problem_count"] == 0
+
+
+async def test_an_unusable_register_answer_fails_that_name_only() -> None:
+    """A server (or a proxy) answering 201 with something that is not a registration: that
+    name is reported failed with why; the daemon does not go down, the others register."""
+    import asyncio
+
+    from argus_agent.argus_api import ArgusClient
+    from argus_agent.servedhosts import register_served
+
+    answers = {
+        "gpu-a": b'{"agent_id": "agent-0123456789ab", "agent_token": "ag_live_0123456789"}',
+        "gpu-b": b'{"agent_id": "agent 1/../x", "agent_token": "ag_live_0123456789"}',
+        "gpu-c": b'{"agent_token": "ag_live_0123456789"}',
+    }
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(
+            next(
+                line.split(b":")[1]
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            )
+        )
+        body = json.loads(await reader.readexactly(length))
+        answer = answers[body["hostname"]]
+        writer.write(
+            b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            + f"Content-Length: {len(answer)}\r\n\r\n".encode()
+            + answer
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = ArgusClient(f"http://127.0.0.1:{port}", timeout_s=5)
+    try:
+        made, failed = await register_served(client, "em_live_x", sorted(answers), {})
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+    assert sorted(made) == ["gpu-a"]
+    assert sorted(failed) == ["gpu-b", "gpu-c"]
+    assert "unusable answer (agent_id" in failed["gpu-b"]
+    assert "unusable answer (agent_id" in failed["gpu-c"]
+
+
+async def test_sinfo_listing_no_node_keeps_what_was_served() -> None:
+    from argus_agent.jobs.slurm_cli import SlurmUnavailable
+    from argus_agent.jobsettings import JobSettings
+    from argus_agent.servedhosts import served_names
+
+    async def nothing(parts: list[str]) -> list[str]:
+        return []
+
+    jobs = JobSettings(launcher="slurm", slurm_hosts=["*"], slurm_partitions=["gpu-typo"])
+    with pytest.raises(SlurmUnavailable, match="sinfo listed no nodes in gpu-typo"):
+        await served_names(jobs, ["login"], nothing)

@@ -241,6 +241,7 @@ class ServedHostsPoller:
         now = time.monotonic()
         fresh: dict[str, ServedState] = {}
         new = [name for name in names if name in known and name not in self.hosts]
+        place = {name: i for i, name in enumerate(new)}
         for name in names:
             host = known.get(name)
             if host is None:
@@ -251,7 +252,7 @@ class ServedHostsPoller:
                 continue
             if old is not None:  # a new token (register --force): poll it now
                 log.info("served host name has a new token", hostname=name)
-            spread = (new.index(name) / len(new)) * self.interval if name in new else 0.0
+            spread = place[name] / len(new) * self.interval if name in place else 0.0
             fresh[name] = ServedState(
                 host,
                 next_due=now + spread,

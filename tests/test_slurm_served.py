@@ -390,3 +390,48 @@ async def test_sinfo_listing_no_node_keeps_what_was_served() -> None:
     jobs = JobSettings(launcher="slurm", slurm_hosts=["*"], slurm_partitions=["gpu-typo"])
     with pytest.raises(SlurmUnavailable, match="sinfo listed no nodes in gpu-typo"):
         await served_names(jobs, ["login"], nothing)
+
+
+def test_a_name_dropped_while_it_owes_an_ack_is_polled_until_it_sent_it(
+    make_settings, tmp_path: Path
+) -> None:
+    """Its registration is the only way to send that ack: the name stays polled (but no
+    longer served: its reruns fail the host check) until the ack is out."""
+    from argus_agent.argus_api import ArgusClient
+    from argus_agent.audit import AuditLog
+    from argus_agent.channels.served import ServedHostsPoller
+    from argus_agent.dispatcher import Dispatcher
+    from argus_agent.jobs.store import JobStore
+    from argus_agent.jobs.supervisor import JobManager
+    from argus_agent.ledger import CommandLedger
+    from argus_agent.servedhosts import ServedHost
+
+    settings = make_settings()
+    state = settings.agent.state_dir
+    state.mkdir(parents=True)
+    ledger = CommandLedger(state / "state.db")
+    try:
+        ledger.begin("c-owed", "stop", "b-1", "gpu-a")
+        ledger.record_result("c-owed", "failed", error="no such job")
+        jobs = JobManager(JobStore(state / "jobs"), settings.jobs)
+        dispatcher = Dispatcher(ledger, jobs, settings, AuditLog(state / "audit.log"))
+        poller = ServedHostsPoller(
+            ArgusClient(settings.server.url),
+            dispatcher,
+            settings,
+            ServedRegistrations(tmp_path / SERVED_FILE),
+            own_names=["login"],
+            user_token=None,
+            list_nodes=None,
+            server_poll_interval_s=10.0,
+        )
+        known = {n: ServedHost(n, f"agent-{n}000000", f"ag_live_{n}xxxxxx") for n in SERVED}
+        poller._adopt(SERVED, known, {})
+        poller._adopt(["gpu-b"], known, {})  # gpu-a left the list, its ack still owed
+        assert sorted(poller.hosts) == SERVED
+        assert dispatcher.served_hosts == frozenset({"gpu-b"})
+        poller._pending.discard("gpu-a")  # the ack went out
+        poller._adopt(["gpu-b"], known, {})
+        assert sorted(poller.hosts) == ["gpu-b"]
+    finally:
+        ledger.close()

@@ -5,16 +5,19 @@ an agent registration to one host name, so each served name has its own registra
 (``servedhosts.py``), and its commands come from ``GET /api/agents/{id}/jobs`` with its own
 token. :class:`ServedHostsPoller` polls them all from **one task** over the daemon's one
 HTTP client (its keep-alive connection pool), so serving a name costs one small request per
-poll interval (a poll also counts as the name's heartbeat in Argus v0.3.0: it bumps
-``last_seen_at``) and no task, thread, connection or database of its own:
+poll interval (a poll also bumps the registration's ``last_seen_at`` in Argus v0.3.0) and
+no task, thread, connection or database of its own. Tasks: the poll loop (``run``), one
+worker handing polled commands to the dispatcher (``_worker``), and a refresh while one runs.
 
-- each name has its own due time, spread evenly over the interval when the names are
-  learned, so 256 names make a steady trickle rather than a burst; names due together are
-  polled at most ``POLL_CONCURRENCY`` at a time;
+- each name has its own due time (a heap), spread evenly over the interval when the names
+  are learned, so 256 names make a steady trickle rather than a burst; names due together
+  are polled at most ``POLL_CONCURRENCY`` at a time;
 - each name has its own state and full-jitter backoff (a name whose token was rotated does
   not slow the others), shown in ``status`` under ``served_hosts``;
-- commands go to the daemon's one dispatcher, one at a time (``_handling``), tagged with the
-  name (``via``) so that a pending ack is flushed through that name's registration;
+- commands go to the worker, which hands them to the daemon's one dispatcher in order,
+  tagged with the name (``via``) so that a pending ack is flushed through that name's
+  registration; a rerun in sbatch never holds up the polls (a name no longer served is
+  polled on while it owes the server an ack);
 - names the websocket session announced and the server accepted (``covered``) are not
   polled while it is open: their commands arrive on the websocket; when the registrations
   change (``on_change``), the websocket reconnects at once to announce them.
@@ -28,6 +31,8 @@ have rotated tokens), and tells the dispatcher which names it serves.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -127,7 +132,12 @@ class ServedHostsPoller:
         self.on_change: Callable[[], None] = lambda: None
         self.health = Health(settings.agent.stall_timeout_s)
         self._gate = asyncio.Semaphore(POLL_CONCURRENCY)
-        self._handling = asyncio.Lock()
+        #: (due time, name): when each name is polled next; entries whose time is no longer
+        #: the name's ``next_due`` are stale and skipped (a heap: a wake costs log N, not N).
+        self._due: list[tuple[float, str]] = []
+        #: Commands (and ack flushes) for the one worker that hands them to the dispatcher.
+        self._work: asyncio.Queue[tuple[ServedState, list[Any]]] = asyncio.Queue()
+        self._refreshing: asyncio.Task[None] | None = None
         self._next_refresh = 0.0
         self._covered: frozenset[str] = frozenset()
         #: Names with acks still pending in the ledger (an ack failed, or an earlier run's).
@@ -145,37 +155,63 @@ class ServedHostsPoller:
             state.backoff.cap = settings.agent.backoff_max_s
 
     async def run(self, shutdown: asyncio.Event) -> None:
-        """Poll until ``shutdown`` is set. Never raises for server or Slurm trouble."""
-        while not shutdown.is_set():
-            now = time.monotonic()
-            if now >= self._next_refresh:
-                await self.refresh()
-            covered = self.covered()
-            if covered != self._covered:
-                self._uncovered(self._covered - covered, now)
-                self._covered = covered
-            due, next_at = [], self._next_refresh
-            for name, state in self.hosts.items():
-                if name in covered:  # its commands come on the websocket: not polled
-                    continue
-                if state.next_due <= now:
-                    due.append(state)
-                else:
-                    next_at = min(next_at, state.next_due)
-            if due:
-                await asyncio.gather(*(self._poll(state) for state in due))
-                next_at = min([next_at, *(s.next_due for s in due)])
-            wait = min(max(next_at - time.monotonic(), 0.0), MAX_SLEEP_S)
-            self.health.report("served_hosts", wait)
-            if await sleep_unless(shutdown, wait):
-                break
+        """Poll until ``shutdown`` is set. Never raises for server or Slurm trouble. Deciding
+        the names (sinfo, registrations) and acting on commands run in tasks of their own:
+        neither holds up the polls of the other names."""
+        worker = asyncio.create_task(self._worker(), name="served-commands")
+        try:
+            while not shutdown.is_set():
+                now = time.monotonic()
+                if now >= self._next_refresh and (
+                    self._refreshing is None or self._refreshing.done()
+                ):
+                    self._next_refresh = now + REFRESH_S
+                    self._refreshing = asyncio.create_task(self._refresh_quietly())
+                covered = self.covered()
+                if covered != self._covered:
+                    self._uncovered(self._covered - covered, now)
+                    self._covered = covered
+                due = self._take_due(now, covered)
+                if due:
+                    await asyncio.gather(*(self._poll(state) for state in due))
+                next_at = min(self._due[0][0] if self._due else math.inf, self._next_refresh)
+                wait = min(max(next_at - time.monotonic(), 0.0), MAX_SLEEP_S)
+                self.health.report("served_hosts", wait)
+                if await sleep_unless(shutdown, wait):
+                    break
+                if worker.done():
+                    worker.result()  # the worker raised: the loop goes down too
+        finally:
+            for task in (worker, self._refreshing):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(
+                *(t for t in (worker, self._refreshing) if t is not None), return_exceptions=True
+            )
+            self.health.forget("served_commands")
+
+    def _schedule(self, state: ServedState, at: float) -> None:
+        state.next_due = at
+        heapq.heappush(self._due, (at, state.host.hostname))
+
+    def _take_due(self, now: float, covered: frozenset[str]) -> list[ServedState]:
+        """The names due by ``now`` and not carried by the websocket (popped: each gets a
+        new due time when its poll ends); stale heap entries are dropped on the way."""
+        due: list[ServedState] = []
+        while self._due and self._due[0][0] <= now:
+            at, name = heapq.heappop(self._due)
+            state = self.hosts.get(name)
+            if state is None or state.next_due != at or name in covered:
+                continue  # gone, rescheduled, or on the websocket (``_uncovered`` brings it back)
+            due.append(state)
+        return due
 
     def _uncovered(self, names: frozenset[str], now: float) -> None:
         """Names the websocket no longer carries (it dropped): poll them from now on,
         spread over one interval rather than all at once."""
         back = sorted(name for name in names if name in self.hosts)
         for i, name in enumerate(back):
-            self.hosts[name].next_due = now + self.interval * i / len(back)
+            self._schedule(self.hosts[name], now + self.interval * i / len(back))
 
     # -- names and registrations --------------------------------------------------------
 
@@ -196,6 +232,13 @@ class ServedHostsPoller:
     def announced(self) -> dict[str, tuple[str, str]]:
         """The registrations to announce on the websocket: agent id → (host name, token)."""
         return {s.host.agent_id: (name, s.host.agent_token) for name, s in self.hosts.items()}
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.refresh()
+        except Exception:  # a bug costs this refresh, not the polling of every name
+            log.exception("deciding the served host names failed; trying again later")
+            self._next_refresh = time.monotonic() + RETRY_REGISTER_S
 
     async def refresh(self) -> None:
         """Decide the served names again, register new ones, pick up rotated tokens."""
@@ -240,6 +283,11 @@ class ServedHostsPoller:
         interval, known ones keep their state (a new token restarts it)."""
         now = time.monotonic()
         fresh: dict[str, ServedState] = {}
+        # A name no longer served keeps being polled while it owes the server an ack (its
+        # registration is the only way to send it); the next refresh after it drops it.
+        for name in sorted(self._pending - set(names)):
+            if name in self.hosts:
+                fresh[name] = self.hosts[name]
         new = [name for name in names if name in known and name not in self.hosts]
         place = {name: i for i, name in enumerate(new)}
         for name in names:
@@ -262,13 +310,14 @@ class ServedHostsPoller:
                     rng=self.rng,
                 ),
             )
+            heapq.heappush(self._due, (now + spread, name))
         gone = set(self.hosts) - set(fresh)
         changed = gone or any(self.hosts.get(name) is not state for name, state in fresh.items())
         if gone or new:
             log.info("served host names", serving=len(fresh), added=len(new), dropped=len(gone))
         self.hosts = fresh
         self.view.unregistered = unregistered
-        self.dispatcher.served_hosts = frozenset(fresh) | frozenset(unregistered)
+        self.dispatcher.served_hosts = frozenset(names)
         if changed:
             self.on_change()
 
@@ -290,12 +339,28 @@ class ServedHostsPoller:
                 state.backoff.reset()
                 state.auth_reported = False
             state.state, state.last_ok_at, state.last_error = "connected", time.time(), None
-            state.next_due = time.monotonic() + jittered(self.interval, 0.1, self.rng)
+            self._schedule(state, time.monotonic() + jittered(self.interval, 0.1, self.rng))
             if items or host.hostname in self._pending:
-                await self._handle(state, items)
+                self._work.put_nowait((state, items))
+
+    async def _worker(self) -> None:
+        """Hand the polled commands to the dispatcher, in the order they came, and flush
+        each name's pending acks; reports its own progress with a budget a rerun through
+        Slurm can need (checks, the owner lookup, sbatch and a lost submission's search)."""
+        while True:
+            if self._work.empty():
+                self.health.forget("served_commands")
+            state, items = await self._work.get()
+            budget = (
+                2 * self.settings.jobs.slurm_command_timeout_s
+                + self.dispatcher.check_timeout_s
+                + 30.0
+            )
+            self.health.report("served_commands", budget * max(1, len(items)))
+            await self._handle(state, items)
 
     async def _handle(self, state: ServedState, items: list[Any]) -> None:
-        """Act on the commands one at a time across all served names, then flush acks."""
+        """Act on one poll's commands through the name's registration, then flush its acks."""
         name = state.host.hostname
 
         async def ack(cmd_id: str, status: AckStatus, pid: int | None, error: str | None) -> None:
@@ -303,25 +368,21 @@ class ServedHostsPoller:
                 state.host.agent_id, state.host.agent_token, cmd_id, status, pid=pid, error=error
             )
 
-        async with self._handling:
-            try:
-                for item in items:
-                    state.commands += 1
-                    self.health.report("served_hosts")
-                    await self.dispatcher.handle(item, ack, via=name)
-                await self.dispatcher.flush_acks(ack, via=name)
-                self._pending.discard(name)
-            except ServerError as exc:
-                self._pending.add(name)
-                log.warning(
-                    "served host's ack failed; it stays pending", hostname=name, error=str(exc)
-                )
-                state.last_error = str(exc)
+        try:
+            for item in items:
+                state.commands += 1
+                await self.dispatcher.handle(item, ack, via=name)
+            await self.dispatcher.flush_acks(ack, via=name)
+            self._pending.discard(name)
+        except ServerError as exc:
+            self._pending.add(name)
+            log.warning("served host's ack failed; it stays pending", hostname=name, error=str(exc))
+            state.last_error = str(exc)
 
     def _failed(self, state: ServedState, exc: ServerError) -> None:
         decision = classify(exc, auth_retry_s=self.settings.agent.auth_retry_s)
         delay = decision.delay(state.backoff)
-        state.next_due = time.monotonic() + delay
+        self._schedule(state, time.monotonic() + delay)
         state.last_error = str(exc)
         name = state.host.hostname
         if decision.action is Action.RETRY_AFTER:

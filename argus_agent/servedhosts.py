@@ -21,7 +21,9 @@ ignored (the tokens are only ever sent to the server that issued them).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import os
 import stat
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -132,6 +134,29 @@ class ServedRegistrations:
                 "run `argus-agent register --force` to register the served host names anew"
             ) from None
 
+    def merge(
+        self, server_url: str, made: dict[str, ServedHost], keep: Iterable[str] | None = None
+    ) -> dict[str, ServedHost]:
+        """Add the registrations just ``made`` to what the file holds *now* (another
+        process, `register` or the daemon, may have written it meanwhile), keeping only the
+        names in ``keep`` when given; all under an exclusive lock on ``<file>.lock``, so two
+        writers never undo each other's tokens. Returns what was saved. Raises StateError."""
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            ensure_private_dir(self.path.parent)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StateError(f"{lock_path}: cannot open: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            hosts = {**self.load(server_url), **made}
+            if keep is not None:
+                hosts = forget_unserved(hosts, keep)
+            self.save(server_url, hosts)
+            return hosts
+        finally:
+            os.close(fd)  # closing releases the lock
+
     def save(self, server_url: str, hosts: dict[str, ServedHost]) -> None:
         """Write all of ``hosts`` at once, mode 0600. Raises StateError naming the path."""
         body = {
@@ -216,5 +241,5 @@ async def register_configured(
     finally:
         await client.aclose()
     if made:
-        store.save(settings.server.url, forget_unserved({**known, **made}, names))
+        store.merge(settings.server.url, made, keep=names)
     return names, made, failed

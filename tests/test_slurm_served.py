@@ -435,3 +435,23 @@ def test_a_name_dropped_while_it_owes_an_ack_is_polled_until_it_sent_it(
         assert sorted(poller.hosts) == ["gpu-b"]
     finally:
         ledger.close()
+
+
+def test_saving_new_registrations_never_undoes_what_another_writer_saved(tmp_path: Path) -> None:
+    """The daemon registers a new name while `register --force` rotates the others: each
+    adds its own to what the file holds then, under a lock, never a stale copy."""
+    from argus_agent.servedhosts import ServedHost
+
+    url = "https://argus.example"
+    store = ServedRegistrations(tmp_path / SERVED_FILE)
+    store.save(url, {"gpu-a": ServedHost("gpu-a", "agent-a", "ag_live_old_a")})
+    stale = store.load(url)  # the daemon's copy, before the other writer
+    store.save(url, {"gpu-a": ServedHost("gpu-a", "agent-a", "ag_live_new_a")})  # --force
+    saved = store.merge(url, {"gpu-b": ServedHost("gpu-b", "agent-b", "ag_live_b")})
+    assert stale["gpu-a"].agent_token == "ag_live_old_a"
+    assert {n: h.agent_token for n, h in saved.items()} == {
+        "gpu-a": "ag_live_new_a",
+        "gpu-b": "ag_live_b",
+    }
+    assert store.load(url) == saved
+    assert sorted(store.merge(url, {}, keep=["gpu-b"])) == ["gpu-b"]

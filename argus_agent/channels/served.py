@@ -264,8 +264,8 @@ class ServedHostsPoller:
             made, failed = await register_served(self.client, self.user_token, missing, known)
             if made:
                 known.update(made)
-                try:
-                    self.registrations.save(server, known)
+                try:  # merged with what `register` may have written meanwhile
+                    known = self.registrations.merge(server, made)
                 except AgentError as exc:
                     log.error("cannot save served-host registrations", error=str(exc))
                 log.info("served host names registered", count=len(made))

@@ -45,7 +45,7 @@ from argus_agent.channels.wsconnect import NO_COMMON_VERSION, WebSocketUnavailab
 from argus_agent.config import AgentSettings
 from argus_agent.credentials import AgentCredentials
 from argus_agent.dispatcher import Dispatcher
-from argus_agent.errors import ServerError, TransientServerError
+from argus_agent.errors import ProtocolError, ServerError, TransientServerError
 from argus_agent.health import Health
 from argus_agent.logsetup import get_logger
 from argus_agent.protocol import CMD_ID_RE, KNOWN_KINDS
@@ -203,6 +203,9 @@ class AutoChannel:
         #: set by the daemon when it serves names, see channels/served.py).
         self.served: Callable[[], dict[str, tuple[str, str]]] = dict
         self._reannounce = False
+        #: The server refused a hello that announced served names (it predates them): they
+        #: are polled, and hellos announce none, for the life of this process.
+        self._no_serves = False
 
     @property
     def health(self) -> Health:
@@ -294,7 +297,7 @@ class AutoChannel:
             return min(delay, max(0.0, self._probe_at - time.monotonic())), (
                 self.poll.state.state == "auth_rejected"
             )
-        announced = self.served()
+        announced = {} if self._no_serves else self.served()
         hello = make_hello(
             self.creds.agent_id, self.settings.hostname, self.dispatcher, self.seqs, announced
         )
@@ -309,6 +312,15 @@ class AutoChannel:
             )
         except WebSocketUnavailable as exc:
             return self._unavailable(str(exc))
+        except ProtocolError as exc:
+            if announced:  # a server that predates served names refuses a hello with them
+                self._no_serves = True
+                log.warning(
+                    "the server refused a hello announcing served names; they are polled",
+                    error=str(exc),
+                )
+                return 0.0, False
+            return await self._connect_failed(exc)
         except ServerError as exc:
             return await self._connect_failed(exc)
         self.seqs.welcomed(welcome.confirmed_seq)
@@ -338,7 +350,7 @@ class AutoChannel:
         that the next hello announces them (pending commands are pushed again on the new
         connection; the ledger acts on each once)."""
         session = self.session
-        if session is None or not session.open:
+        if session is None or not session.open or self._no_serves:
             return
         if frozenset(self.served().items()) == session.announced:
             return
@@ -348,7 +360,7 @@ class AutoChannel:
     def covered(self) -> frozenset[str]:
         """The served names whose commands the open websocket carries now."""
         session = self.session
-        if session is None or not session.open:
+        if session is None or not session.open or self._no_serves:
             return frozenset()
         return frozenset(session.serving.values())
 
@@ -381,8 +393,8 @@ class AutoChannel:
             state.connected_since = None
         if shutdown.is_set():
             return 0.0, False
-        if self._reannounce and end.by_agent:
-            self._reannounce = False
+        reannounced, self._reannounce = self._reannounce, False  # never left over
+        if reannounced and end.by_agent:
             log.info("websocket reconnects to announce the served names")
             return 0.0, False
         if end.lasted_s >= HEALTHY_SESSION_S:

@@ -10,6 +10,7 @@ protocol prescribes (:meth:`FrameError.reply`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ class FrameError:
     ref: str | None = None
     msg_type: str | None = None
     command: MalformedCommand | None = None
+    #: A bad command frame's ``agent_id`` (a served name's), when it is a readable id.
+    agent_id: str | None = None
 
     def to_message(self) -> ErrorMsg:
         """The error message telling the sender."""
@@ -243,7 +246,19 @@ def _decode(data: object, direction: Direction) -> Any:
 
 def _decode_command(obj: dict[str, Any], text: str, ref: str | None) -> CommandMsg | FrameError:
     """A command frame, decoded by the REST decoder so that a bad one becomes the same
-    MalformedCommand (and is acked ``failed`` when it names an id)."""
+    MalformedCommand (and is acked ``failed`` when it names an id, through the registration
+    its ``agent_id`` names)."""
+    decoded_or_error = _decode_command_body(obj, text, ref)
+    if isinstance(decoded_or_error, FrameError):
+        agent_id = obj.get("agent_id")
+        if isinstance(agent_id, str) and CMD_ID_RE.fullmatch(agent_id):
+            return dataclasses.replace(decoded_or_error, agent_id=agent_id)
+    return decoded_or_error
+
+
+def _decode_command_body(
+    obj: dict[str, Any], text: str, ref: str | None
+) -> CommandMsg | FrameError:
     item = {k: v for k, v in obj.items() if k != "type"}
     # The text, as a poll's command is: the same bounds (MAX_COMMAND_CHARS...) and reasons.
     decoded = protocol.decode_command_text(text)

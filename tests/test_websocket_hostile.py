@@ -236,6 +236,9 @@ async def test_a_command_for_a_registration_not_served_here_is_refused_unacted(
         await ws.send(_command("c-foreign", "stop", "b-1", agent_id="agent-stranger1"))
         await ws.send(_command("c-refused", "stop", "b-2", agent_id="agent-refused01"))
         await ws.send(_command("c-served", "stop", "b-3", agent_id="agent-served001"))
+        bad = {"type": "command", "kind": "stop", "batch_id": "../x", "payload": {}}
+        await ws.send(json.dumps({**bad, "id": "c-bad-served", "agent_id": "agent-served001"}))
+        await ws.send(json.dumps({**bad, "id": "c-bad-foreign", "agent_id": "agent-stranger1"}))
         async for raw in ws:
             message = json.loads(raw)
             if message["type"] == "error":
@@ -246,19 +249,26 @@ async def test_a_command_for_a_registration_not_served_here_is_refused_unacted(
     served = {"agent-served001": ("gpu-a", "ag_live_a"), "agent-refused01": ("gpu-b", "ag_live_b")}
     tiny = TinyServer(session, serving=["agent-served001"])
     async with tiny.running(), _channel(tiny.url, tmp_path, served) as (_, dispatcher):
-        await eventually(lambda: len(errors) == 2, what="two error frames")
+        await eventually(lambda: len(errors) == 3, what="three error frames")
         await eventually(
             lambda: (e := dispatcher.ledger.get("c-served")) is not None and e.phase == "acked",
             what="the served name's command acked",
         )
         assert dispatcher.ledger.get("c-served").via == "gpu-a"
+        # A malformed command is acked failed through the registration it came for.
+        bad_served = await eventually(
+            lambda: (e := dispatcher.ledger.get("c-bad-served")) and e.phase == "acked" and e,
+            what="the malformed served command acked",
+        )
+        assert (bad_served.via, bad_served.ack_status) == ("gpu-a", "failed")
+        assert dispatcher.ledger.get("c-bad-foreign") is None
         assert dispatcher.ledger.get("c-foreign") is None
         assert dispatcher.ledger.get("c-refused") is None
     assert tiny.hellos[0]["serves"] == [
         {"agent_id": "agent-refused01", "hostname": "gpu-b", "token": "ag_live_b"},
         {"agent_id": "agent-served001", "hostname": "gpu-a", "token": "ag_live_a"},
     ]
-    assert sorted(e["ref"] for e in errors) == ["c-foreign", "c-refused"]
+    assert sorted(e["ref"] for e in errors) == ["c-bad-foreign", "c-foreign", "c-refused"]
     assert all(e["code"] == "bad_field" and "not served here" in e["reason"] for e in errors)
 
 

@@ -297,7 +297,17 @@ class WebSocketSession:
             type=error.msg_type,
         )
         if error.command is not None:
-            self._queue.put_nowait(_Queued(error.command, None))
+            via = self.serving.get(error.agent_id) if error.agent_id is not None else None
+            if error.agent_id is not None and via is None:
+                await self._send_error(
+                    wsproto.ErrorMsg(
+                        code=wsproto.ErrorCode.BAD_FIELD,
+                        reason=f"command.agent_id {error.agent_id} is not served here",
+                        ref=error.ref,
+                    )
+                )
+            else:  # acked failed through the registration it came for
+                self._queue.put_nowait(_Queued(error.command, via))
         elif error.msg_type in ("ack_result", "confirm") and error.ref is not None:
             self._fail_ref(error.ref, f"unreadable {error.msg_type}: {error.reason}")
         reply = error.reply()

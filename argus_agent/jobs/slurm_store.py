@@ -26,17 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import shutil
-import time
 import typing
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from argus_agent.errors import StateError
-from argus_agent.fsutil import atomic_write_json, ensure_private_dir, read_json
-from argus_agent.jobs.store import QUARANTINE_DIR, JobRecord, JobRecordError, _type_ok
+from argus_agent.fsutil import atomic_write_json, read_json
+from argus_agent.jobs.recorddirs import JobRecordError, RecordDirs, type_ok
+from argus_agent.jobs.store import JobRecord
 from argus_agent.logsetup import get_logger
 
 log = get_logger(__name__)
@@ -136,25 +132,12 @@ _REQUIRED = tuple(
 SLURM_DIR = "slurm"
 
 
-class SlurmStore:
+class SlurmStore(RecordDirs[SlurmJobRecord]):
     """Reads and writes ``<state>/slurm/<batch_id>/``. Blocking, small I/O; one writer (the
     agent). ``quarantined`` lists damaged records as :class:`JobStore` does."""
 
-    def __init__(self, root: Path) -> None:
-        """Raises StateError when the directory cannot be created or used."""
-        self.root = root
-        try:
-            ensure_private_dir(root)
-        except OSError as exc:
-            raise StateError(
-                f"{root}: cannot use the Slurm jobs directory: {exc.strerror or exc}; fix: make "
-                "it a directory the agent's user can write, then start the agent again"
-            ) from None
-        self.quarantined: list[dict[str, Any]] = []
-
-    def job_dir(self, batch_id: str) -> Path:
-        """The directory of one job (batch ids are validated to a safe shape upstream)."""
-        return self.root / batch_id
+    what = "Slurm job"
+    dir_name = "Slurm jobs directory"
 
     def create(self, record: SlurmJobRecord) -> None:
         """Make the job's directory and write its record before anything is submitted.
@@ -171,10 +154,6 @@ class SlurmStore:
                 directory / "exit.json",
                 {"ended_at": record.ended_at, "outcome": record.describe_exit()},
             )
-
-    def discard(self, batch_id: str) -> None:
-        """Remove a job's directory (a submission that failed, or pruning)."""
-        shutil.rmtree(self.job_dir(batch_id), ignore_errors=True)
 
     def reported(self, batch_id: str) -> bool:
         """Whether the job's end was reported."""
@@ -196,7 +175,7 @@ class SlurmStore:
             raise JobRecordError(path, f"not a JSON object but {type(data).__name__}")
         known = {k: v for k, v in data.items() if k in _HINTS}
         for key, value in known.items():
-            if not _type_ok(value, _HINTS[key]):
+            if not type_ok(value, _HINTS[key]):
                 raise JobRecordError(
                     path, f"field {key!r} is {value!r:.80}, expected {_HINTS[key]}"
                 )
@@ -211,37 +190,3 @@ class SlurmStore:
         # Nothing that names a process may come back: a Slurm job is never signalled as one.
         known.update(shim_pid=None, pgid=None, cgroup=None)
         return SlurmJobRecord(**known)
-
-    def load_all(self, *, quarantine: bool = False) -> list[SlurmJobRecord]:
-        """Every readable record; damaged ones are listed in ``quarantined`` (and, with
-        ``quarantine``, moved to ``slurm/.quarantine``); unreadable ones are skipped."""
-        records = []
-        for path in sorted(self.root.glob("*/job.json")):
-            batch_id = path.parent.name
-            try:
-                records.append(self.load(batch_id))
-            except JobRecordError as exc:
-                self._set_aside(batch_id, exc, move=quarantine)
-            except OSError as exc:
-                log.warning("Slurm job record unreadable, skipped", path=str(path), error=str(exc))
-        return records
-
-    def _set_aside(self, batch_id: str, exc: JobRecordError, *, move: bool) -> None:
-        where = self.job_dir(batch_id)
-        if move:
-            target = self.root / QUARANTINE_DIR / batch_id
-            with contextlib.suppress(OSError):
-                (self.root / QUARANTINE_DIR).mkdir(mode=0o700, exist_ok=True)
-                if target.exists():
-                    target = target.with_name(f"{batch_id}-{time.time_ns()}")
-                os.rename(where, target)
-                where = target
-        self.quarantined.append(
-            {"batch_id": batch_id, "path": str(where), "reason": str(exc), "at": time.time()}
-        )
-        log.error(
-            "Slurm job record damaged: the job is no longer watched or reported",
-            batch_id=batch_id,
-            path=str(where),
-            reason=str(exc),
-        )

@@ -25,21 +25,21 @@ jobs``) only skip such records.
 
 from __future__ import annotations
 
-import contextlib
-import math
-import os
-import shutil
 import signal
 import time
-import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from argus_agent.errors import StateError
-from argus_agent.fsutil import atomic_write_json, ensure_private_dir, read_json
+from argus_agent.fsutil import atomic_write_json, read_json
 from argus_agent.jobs import cgroupfs
+from argus_agent.jobs.recorddirs import (
+    JobRecordError,
+    RecordDirs,
+    type_name,
+    type_ok,
+)
 from argus_agent.jobs.shim import STOP_GRACE_KEY
 from argus_agent.logsetup import get_logger
 
@@ -219,8 +219,6 @@ class JobRecord:
         return text
 
 
-#: Where damaged job records are moved, under the jobs dir (not a batch id: never loaded).
-QUARANTINE_DIR = ".quarantine"
 #: Fields naming processes: a pid of 0 or below would signal a whole group, or everything.
 POSITIVE_FIELDS = frozenset({"pid", "pgid", "shim_pid"})
 NON_NEGATIVE_FIELDS = frozenset({"uid", "gid", "start_ticks", "shim_start_ticks"})
@@ -230,45 +228,6 @@ _REQUIRED = tuple(
 )
 
 
-class JobRecordError(ValueError):
-    """A job record file that is not what the agent wrote: not JSON, not an object, a field
-    missing or of the wrong type. ``path`` is the file, ``reason`` what is wrong with it."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
-
-
-def _type_ok(value: Any, hint: Any) -> bool:
-    """Whether a JSON value fits a JobRecord field's annotation."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
-    if hint is Any:
-        return True
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return (
-            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        )
-    if origin is list:
-        (item,) = typing.get_args(hint) or (Any,)
-        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
-    return isinstance(value, hint)
-
-
-def _type_name(hint: Any) -> str:
-    return str(hint).replace("typing.", "").replace("NoneType", "null")
-
-
 def _checked(path: Path, part: Any, keys: tuple[str, ...]) -> dict[str, Any]:
     """The fields ``keys`` of one record file, each checked against JobRecord's types."""
     if not isinstance(part, dict):
@@ -276,9 +235,9 @@ def _checked(path: Path, part: Any, keys: tuple[str, ...]) -> dict[str, Any]:
     picked = {k: part[k] for k in keys if k in part}
     for key, value in picked.items():
         hint = _HINTS[key]
-        if not _type_ok(value, hint):
+        if not type_ok(value, hint):
             raise JobRecordError(
-                path, f"field {key!r} is {value!r:.80}, expected {_type_name(hint)}"
+                path, f"field {key!r} is {value!r:.80}, expected {type_name(hint)}"
             )
         if value is not None and (
             (key in POSITIVE_FIELDS and value <= 0) or (key in NON_NEGATIVE_FIELDS and value < 0)
@@ -297,30 +256,9 @@ def _read_part(path: Path) -> Any:
         raise JobRecordError(path, f"not valid JSON: {exc}") from None
 
 
-class JobStore:
-    """Reads and writes job directories under ``<state_dir>/jobs``. Blocking, small I/O.
-
-    ``quarantined`` lists the damaged job records found: ``{"batch_id", "path", "reason",
-    "at"}``, where ``path`` is the job dir in ``jobs/.quarantine/`` (or where it stayed, when
-    it could not be moved).
-    """
-
-    def __init__(self, root: Path) -> None:
-        """Raises StateError (path and fix) when the jobs dir cannot be created or used."""
-        self.root = root
-        try:
-            ensure_private_dir(root)
-        except OSError as exc:
-            raise StateError(
-                f"{root}: cannot use the jobs directory: {exc.strerror or exc}; fix: make it "
-                "(and the state dir above it) a directory the agent's user can write, then "
-                "start the agent again"
-            ) from None
-        self.quarantined: list[dict[str, Any]] = []
-
-    def job_dir(self, batch_id: str) -> Path:
-        """The directory of one job (batch ids are validated to a safe shape upstream)."""
-        return self.root / batch_id
+class JobStore(RecordDirs[JobRecord]):
+    """Reads and writes job directories under ``<state_dir>/jobs`` (the directories, and
+    setting damaged ones aside, are ``RecordDirs``'). Blocking, small I/O."""
 
     def create(self, record: JobRecord) -> Path:
         """Create the job's directory and write its intent (``job.json``); returns the dir.
@@ -329,10 +267,6 @@ class JobStore:
         directory.mkdir(mode=0o700)
         atomic_write_json(directory / "job.json", _pick(record, INTENT_FIELDS))
         return directory
-
-    def discard(self, batch_id: str) -> None:
-        """Remove a job directory (a launch that failed, or pruning)."""
-        shutil.rmtree(self.job_dir(batch_id), ignore_errors=True)
 
     def write_stop(self, record: JobRecord) -> None:
         """Record the stop request of ``record`` (``stop.json``)."""
@@ -374,82 +308,6 @@ class JobStore:
             if path.exists():
                 data.update(_checked(path, _read_part(path), keys))
         return JobRecord(**data)
-
-    def load_all(self, *, quarantine: bool = False) -> list[JobRecord]:
-        """Every readable job record. A damaged one (:class:`JobRecordError`) is skipped and
-        listed in ``quarantined``; with ``quarantine`` (the agent at start-up) its directory
-        is also moved to ``jobs/.quarantine/``. Unreadable ones (OSError) are logged and
-        skipped, to be read again next time."""
-        records = []
-        for path in sorted(self.root.glob("*/job.json")):
-            batch_id = path.parent.name
-            try:
-                records.append(self.load(batch_id))
-            except JobRecordError as exc:
-                self.set_aside(batch_id, exc, move=quarantine)
-            except OSError as exc:
-                log.warning("job record unreadable, skipped", path=str(path), error=str(exc))
-        if quarantine:
-            self.quarantined.extend(self._earlier_quarantined())
-        return records
-
-    def set_aside(self, batch_id: str, exc: JobRecordError, *, move: bool = True) -> None:
-        """Report a damaged job record, and (``move``) move its directory to
-        ``jobs/.quarantine/`` with a ``quarantine.json`` saying why. Never raises."""
-        directory = self.job_dir(batch_id)
-        where = directory
-        note = ""
-        if move:
-            target = self.root / QUARANTINE_DIR / batch_id
-            try:
-                (self.root / QUARANTINE_DIR).mkdir(mode=0o700, exist_ok=True)
-                if target.exists():
-                    target = target.with_name(f"{batch_id}-{time.time_ns()}")
-                os.rename(directory, target)
-                where = target
-            except OSError as move_error:
-                note = f" (could not be moved: {move_error.strerror or move_error})"
-            else:
-                with contextlib.suppress(OSError):
-                    atomic_write_json(
-                        target / "quarantine.json",
-                        {"reason": str(exc), "at": time.time(), "batch_id": batch_id},
-                    )
-        entry = {"batch_id": batch_id, "path": str(where), "reason": str(exc), "at": time.time()}
-        self.quarantined.append(entry)
-        if move:
-            message = (
-                "job record damaged: the job is no longer supervised or reported, its "
-                f"directory is kept in {QUARANTINE_DIR}{note}; fix the file and move the "
-                "directory back before a restart to resume it, or delete it"
-            )
-        else:
-            message = "job record damaged"
-        log.error(message, batch_id=batch_id, path=str(where), reason=str(exc))
-
-    def _earlier_quarantined(self) -> list[dict[str, Any]]:
-        """Job dirs earlier runs moved to quarantine and nobody removed yet."""
-        found = []
-        listed = {entry["path"] for entry in self.quarantined}
-        with contextlib.suppress(OSError):
-            for directory in sorted((self.root / QUARANTINE_DIR).iterdir()):
-                if str(directory) in listed or not directory.is_dir():
-                    continue
-                try:
-                    info = read_json(directory / "quarantine.json")
-                    reason, at = str(info["reason"]), float(info["at"])
-                except (OSError, ValueError, TypeError, KeyError):
-                    reason, at = "quarantined by an earlier run", directory.stat().st_mtime
-                found.append(
-                    {
-                        "batch_id": directory.name,
-                        "path": str(directory),
-                        "reason": reason,
-                        "at": at,
-                        "earlier": True,
-                    }
-                )
-        return found
 
 
 def _pick(record: JobRecord, keys: tuple[str, ...]) -> dict[str, Any]:

@@ -10,6 +10,6 @@ and batches), :mod:`.executor` (rerun, stop, the command queue), :mod:`.app` and
 from .app import create_app
 from .server import DevServer, serve
 from .store import Store
-from .ws import WsFaults, WsOptions
+from .wsoptions import WsFaults, WsOptions
 
 __all__ = ["DevServer", "Store", "WsFaults", "WsOptions", "create_app", "serve"]

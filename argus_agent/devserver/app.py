@@ -22,7 +22,8 @@ from .faults import FaultMiddleware, FaultRegistry
 from .ratelimit import TokenBucket, retry_after_header
 from .schemas import AckIn, BatchEventsIn, EventIn, HeartbeatIn, RegisterIn, RerunIn
 from .store import AGENT_PREFIX, REPORTER_PREFIX, VIEWER_PREFIX, ApiError, Principal, Store
-from .ws import WsFaults, WsHub, WsOptions
+from .ws import WsHub
+from .wsoptions import WsFaults, WsOptions
 
 _BEARER = {"WWW-Authenticate": "Bearer"}
 AuthHeader = Annotated[str | None, Header()]

@@ -30,7 +30,8 @@ from .app import create_app
 from .faults import FaultRegistry
 from .ratelimit import TokenBucket
 from .store import Store
-from .ws import WsFaults, WsHub, WsOptions
+from .ws import WsHub
+from .wsoptions import WsFaults, WsOptions
 
 _START_TIMEOUT_S = 15.0
 _STOP_TIMEOUT_S = 10.0

@@ -16,8 +16,9 @@ protocol"); the messages, limits and codes are :mod:`argus_agent.wsproto`'s:
   than ``bad_frame_burst`` of them within ``bad_frame_window_s`` closed 1008;
 - liveness: the agent's last_seen is bumped on connect, on each frame and on every push
   check (at least every ``recheck_s``, 2 s; uvicorn drops a connection whose pong is late);
-- :class:`WsOptions` (switches: no endpoint at all, another subprotocol) and
-  :class:`WsFaults` (test faults: refuse upgrades, drop a connection after N frames).
+- :class:`~.wsoptions.WsOptions` (switches: no endpoint at all, another subprotocol) and
+  :class:`~.wsoptions.WsFaults` (test faults: refuse upgrades, drop a connection after N
+  frames), in ``wsoptions.py``.
 
 Sequence numbers: an ``events`` frame is always stored (event_id de-duplication makes a
 resent frame safe: its events come back ``deduplicated``) and confirmed with its own seq; the
@@ -34,9 +35,7 @@ import contextvars
 import json
 import logging
 import sqlite3
-import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -49,6 +48,7 @@ from argus_agent.wsproto import CloseCode, ErrorCode, FrameError
 from . import executor, ingest, wsframes
 from .schemas import EventIn
 from .store import ApiError, Store
+from .wsoptions import WsFaults, WsOptions
 
 _log = logging.getLogger(__name__)
 
@@ -72,67 +72,6 @@ class _DenialNoiseFilter(logging.Filter):
 
 
 _DENIAL_FILTER = _DenialNoiseFilter()
-
-
-@dataclass(frozen=True)
-class WsOptions:
-    """How the endpoint behaves. ``enabled=False``: no endpoint (as Argus v0.3.0, whose
-    uvicorn answers a websocket request for an unknown path with HTTP 403)."""
-
-    enabled: bool = True
-    #: The one subprotocol this server speaks (tests set e.g. ``argus-agent.v2``).
-    subprotocol: str = wsproto.SUBPROTOCOL
-    hello_timeout_s: float = wsproto.HELLO_TIMEOUT_S
-    #: What welcome announces; the runner configures uvicorn's pings with the same values.
-    ping_interval_s: float = wsproto.PING_INTERVAL_S
-    ping_timeout_s: float = wsproto.PING_TIMEOUT_S
-    bad_frame_burst: int = wsproto.BAD_FRAME_BURST
-    bad_frame_window_s: float = wsproto.BAD_FRAME_WINDOW_S
-    #: How often a session without a wake-up re-checks the queue (a safety net: commands
-    #: are pushed on commit), re-checks the token (4401) and bumps the agent's last_seen.
-    recheck_s: float = wsproto.PING_INTERVAL_S
-
-
-class WsFaults:
-    """Faults of the websocket endpoint, armed by tests from any thread."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._drops: collections.deque[int] = collections.deque()
-        self._rejects: collections.deque[tuple[int, str | None]] = collections.deque()
-        #: Members merged into (or replacing those of) every welcome, e.g. ``{"protocol": 2}``.
-        self.welcome_extra: dict[str, Any] | None = None
-
-    def drop_after(self, frames: int, connections: int = 1) -> None:
-        """The next *connections* sessions are closed 1011 right after handling their
-        *frames*-th frame after hello: that frame is acted on (events stored, ack recorded)
-        but not answered, as when a server dies between storing and confirming."""
-        if frames < 1:
-            raise ValueError("frames must be at least 1")
-        with self._lock:
-            self._drops.extend([frames] * connections)
-
-    def reject_upgrades(self, status: int, count: int = 1, detail: str | None = None) -> None:
-        """Answer the next *count* upgrade requests with HTTP *status* (before auth)."""
-        with self._lock:
-            self._rejects.extend([(status, detail)] * count)
-
-    def clear(self) -> None:
-        """Disarm every fault."""
-        with self._lock:
-            self._drops.clear()
-            self._rejects.clear()
-            self.welcome_extra = None
-
-    def take_drop(self) -> int | None:
-        """The drop armed for a new session, if any (consumed)."""
-        with self._lock:
-            return self._drops.popleft() if self._drops else None
-
-    def take_reject(self) -> tuple[int, str | None] | None:
-        """The refusal armed for a new upgrade request, if any (consumed)."""
-        with self._lock:
-            return self._rejects.popleft() if self._rejects else None
 
 
 def close_reason(text: str) -> str:

@@ -26,6 +26,7 @@ from tests.test_devserver_ws import (
     envelope,
     receive,
 )
+
 # The fixtures of test_devserver_ws.py, for this file too.
 from tests.test_devserver_ws import agent as agent
 from tests.test_devserver_ws import server as server

@@ -10,7 +10,7 @@ import pwd
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +20,7 @@ import httpx
 from argus_agent.config import Settings
 from argus_agent.credentials import load_credentials
 from argus_agent.daemon import Agent
+from argus_agent.dispatcher import Dispatcher
 from argus_agent.registration import register_host
 
 T = TypeVar("T")
@@ -318,6 +319,30 @@ def settings_for(url: str, tmp_path: Path, **sections: dict[str, Any]) -> Settin
     for section, extra in sections.items():
         values.setdefault(section, {}).update(extra)
     return Settings.model_validate(values)
+
+
+@contextlib.asynccontextmanager
+async def local_dispatcher(settings: Settings) -> AsyncIterator[Dispatcher]:
+    """A Dispatcher over a real ledger and job manager in ``settings``' state dir, without a
+    daemon around it (commands handed to it directly); jobs still running are stopped and
+    everything closed at the end."""
+    from argus_agent.audit import AuditLog
+    from argus_agent.jobs.store import JobStore
+    from argus_agent.jobs.supervisor import JobManager
+    from argus_agent.ledger import CommandLedger
+
+    state = settings.agent.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    ledger = CommandLedger(state / "state.db")
+    jobs = JobManager(JobStore(state / "jobs"), settings.jobs)
+    try:
+        yield Dispatcher(ledger, jobs, settings, AuditLog(state / "audit.log"))
+    finally:
+        for record in jobs.running():
+            await jobs.stop(record.batch_id, "test")
+            await jobs.wait_ended(record.batch_id, timeout=15)
+        await jobs.shutdown()
+        ledger.close()
 
 
 def on_websocket(running: RunningAgent) -> bool:

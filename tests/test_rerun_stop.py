@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shlex
@@ -9,7 +10,18 @@ import sys
 import time
 from pathlib import Path
 
-from tests.support import FIXTURES, ArgusUser, RunningAgent, alive, eventually, register
+from argus_agent.protocol import Command
+from tests.support import (
+    FIXTURES,
+    HOST,
+    OS_USER,
+    ArgusUser,
+    RunningAgent,
+    alive,
+    eventually,
+    local_dispatcher,
+    register,
+)
 
 PY = shlex.quote(sys.executable)
 
@@ -189,55 +201,31 @@ async def test_redelivered_command_runs_once_also_after_restart(
     os.killpg(pid, 9)
 
 
+def _local_rerun(cmd_id: str, batch_id: str, cwd: Path) -> Command:
+    """A rerun of ``exec sleep 30`` on this host, as the server would send it now."""
+    payload = {"command": "exec sleep 30", "cwd": str(cwd), "host": HOST}
+    payload |= {"requested_by": "alice", "env": {"USER": OS_USER}}
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return Command(id=cmd_id, kind="rerun", batch_id=batch_id, payload=payload, created_at=now)
+
+
 async def test_a_command_delivered_twice_at_once_is_acted_on_and_acked_once(
     make_settings, tmp_path: Path
 ) -> None:
     """A served name's command can come on the websocket and in a poll at the same moment:
     the second delivery, while the first is being handled, is neither acted on nor taken
     for one an agent restart interrupted (which would ack it failed)."""
-    import asyncio
-
-    from argus_agent.audit import AuditLog
-    from argus_agent.dispatcher import Dispatcher
-    from argus_agent.jobs.store import JobStore
-    from argus_agent.jobs.supervisor import JobManager
-    from argus_agent.ledger import CommandLedger
-    from argus_agent.protocol import Command
-    from tests.support import HOST, OS_USER
-
-    settings = make_settings()
-    state = settings.agent.state_dir
-    state.mkdir(parents=True)
-    ledger = CommandLedger(state / "state.db")
-    jobs = JobManager(JobStore(state / "jobs"), settings.jobs)
-    dispatcher = Dispatcher(ledger, jobs, settings, AuditLog(state / "audit.log"))
     acks: list[tuple[str, str, int | None, str | None]] = []
 
     async def ack(cmd_id: str, status: str, pid: int | None, error: str | None) -> None:
         acks.append((cmd_id, status, pid, error))
 
-    payload = {
-        "command": "exec sleep 30",
-        "cwd": str(tmp_path),
-        "host": HOST,
-        "requested_by": "alice",
-        "env": {"USER": OS_USER},
-    }
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    rerun = Command(
-        id="c-twice", kind="rerun", batch_id="rerun-0123456789ab", payload=payload, created_at=now
-    )
-    try:
+    rerun = _local_rerun("c-twice", "rerun-0123456789ab", tmp_path)
+    async with local_dispatcher(make_settings()) as dispatcher:
         await asyncio.gather(dispatcher.handle(rerun, ack), dispatcher.handle(rerun, ack))
         assert [(c, status) for c, status, _, _ in acks] == [("c-twice", "started")], acks
-        record = jobs.get("rerun-0123456789ab")
+        record = dispatcher.jobs.get("rerun-0123456789ab")
         assert record is not None and acks[0][2] == record.pid
-    finally:
-        if (record := jobs.get("rerun-0123456789ab")) is not None and record.running:
-            await jobs.stop("rerun-0123456789ab", "test")
-            await jobs.wait_ended("rerun-0123456789ab", timeout=15)
-        await jobs.shutdown()
-        ledger.close()
 
 
 async def test_two_reruns_at_once_never_pass_the_capacity_check_together(
@@ -245,51 +233,16 @@ async def test_two_reruns_at_once_never_pass_the_capacity_check_together(
 ) -> None:
     """Reruns from two channels at once (the websocket and a served name's poll): with room
     for one job, one starts and the other is refused "host is full"."""
-    import asyncio
-
-    from argus_agent.audit import AuditLog
-    from argus_agent.dispatcher import Dispatcher
-    from argus_agent.jobs.store import JobStore
-    from argus_agent.jobs.supervisor import JobManager
-    from argus_agent.ledger import CommandLedger
-    from argus_agent.protocol import Command
-    from tests.support import HOST, OS_USER
-
-    settings = make_settings(jobs={"max_jobs": 1})
-    state = settings.agent.state_dir
-    state.mkdir(parents=True)
-    ledger = CommandLedger(state / "state.db")
-    jobs = JobManager(JobStore(state / "jobs"), settings.jobs)
-    dispatcher = Dispatcher(ledger, jobs, settings, AuditLog(state / "audit.log"))
     acks: dict[str, tuple[str, str | None]] = {}
 
     async def ack(cmd_id: str, status: str, pid: int | None, error: str | None) -> None:
         acks[cmd_id] = (status, error)
 
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    payload = {"command": "exec sleep 30", "cwd": str(tmp_path), "host": HOST}
-    payload |= {"requested_by": "alice", "env": {"USER": OS_USER}}
-    reruns = [
-        Command(
-            id=f"c-{i}",
-            kind="rerun",
-            batch_id=f"rerun-00000000000{i}",
-            payload=payload,
-            created_at=now,
-        )
-        for i in (1, 2)
-    ]
-    try:
+    reruns = [_local_rerun(f"c-{i}", f"rerun-00000000000{i}", tmp_path) for i in (1, 2)]
+    async with local_dispatcher(make_settings(jobs={"max_jobs": 1})) as dispatcher:
         await asyncio.gather(*(dispatcher.handle(c, ack) for c in reruns))
         assert sorted(status for status, _ in acks.values()) == ["failed", "started"], acks
         assert any(error and "host is full" in error for _, error in acks.values())
-    finally:
-        for c in reruns:
-            if (record := jobs.get(c.batch_id)) is not None and record.running:
-                await jobs.stop(c.batch_id, "test")
-                await jobs.wait_ended(c.batch_id, timeout=15)
-        await jobs.shutdown()
-        ledger.close()
 
 
 async def test_unknown_and_malformed_commands_are_refused(

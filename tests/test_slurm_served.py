@@ -23,7 +23,15 @@ from argus_agent.servedhosts import SERVED_FILE, ServedRegistrations
 from argus_agent.statuscheck import DEGRADED, health_verdict
 from argus_agent.views import format_status
 from tests.slurmenv import SlurmCluster
-from tests.support import ArgusUser, RunningAgent, agent_env, cli, eventually, register
+from tests.support import (
+    ArgusUser,
+    RunningAgent,
+    agent_env,
+    cli,
+    eventually,
+    local_dispatcher,
+    register,
+)
 from tests.test_status import _documented, _fields
 
 SERVED = ["gpu-a", "gpu-b"]
@@ -392,29 +400,19 @@ async def test_sinfo_listing_no_node_keeps_what_was_served() -> None:
         await served_names(jobs, ["login"], nothing)
 
 
-def test_a_name_dropped_while_it_owes_an_ack_is_polled_until_it_sent_it(
+async def test_a_name_dropped_while_it_owes_an_ack_is_polled_until_it_sent_it(
     make_settings, tmp_path: Path
 ) -> None:
     """Its registration is the only way to send that ack: the name stays polled (but no
     longer served: its reruns fail the host check) until the ack is out."""
     from argus_agent.argus_api import ArgusClient
-    from argus_agent.audit import AuditLog
     from argus_agent.channels.served import ServedHostsPoller
-    from argus_agent.dispatcher import Dispatcher
-    from argus_agent.jobs.store import JobStore
-    from argus_agent.jobs.supervisor import JobManager
-    from argus_agent.ledger import CommandLedger
     from argus_agent.servedhosts import ServedHost
 
     settings = make_settings()
-    state = settings.agent.state_dir
-    state.mkdir(parents=True)
-    ledger = CommandLedger(state / "state.db")
-    try:
-        ledger.begin("c-owed", "stop", "b-1", "gpu-a")
-        ledger.record_result("c-owed", "failed", error="no such job")
-        jobs = JobManager(JobStore(state / "jobs"), settings.jobs)
-        dispatcher = Dispatcher(ledger, jobs, settings, AuditLog(state / "audit.log"))
+    async with local_dispatcher(settings) as dispatcher:
+        dispatcher.ledger.begin("c-owed", "stop", "b-1", "gpu-a")
+        dispatcher.ledger.record_result("c-owed", "failed", error="no such job")
         poller = ServedHostsPoller(
             ArgusClient(settings.server.url),
             dispatcher,
@@ -433,8 +431,6 @@ def test_a_name_dropped_while_it_owes_an_ack_is_polled_until_it_sent_it(
         poller._pending.discard("gpu-a")  # the ack went out
         poller._adopt(["gpu-b"], known, {})
         assert sorted(poller.hosts) == ["gpu-b"]
-    finally:
-        ledger.close()
 
 
 def test_saving_new_registrations_never_undoes_what_another_writer_saved(tmp_path: Path) -> None:

@@ -17,15 +17,11 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from argus_agent import wsproto
 from argus_agent.argus_api import ArgusClient
-from argus_agent.audit import AuditLog
 from argus_agent.channels.auto import AutoChannel
 from argus_agent.credentials import AgentCredentials
 from argus_agent.dispatcher import Dispatcher
-from argus_agent.jobs.store import JobStore
-from argus_agent.jobs.supervisor import JobManager
-from argus_agent.ledger import CommandLedger
 from argus_agent.status import ChannelState
-from tests.support import eventually, settings_for
+from tests.support import eventually, local_dispatcher, settings_for
 
 
 class TinyServer:
@@ -78,27 +74,27 @@ async def _channel(
     """An AutoChannel (``websocket`` mode) with a real dispatcher, running until the end;
     ``served``: the served names' registrations it announces (agent id → (host, token))."""
     settings = settings_for(url, tmp_path, server={"transport": "websocket", "timeout_s": 1.0})
-    state_dir = settings.agent.state_dir
-    state_dir.mkdir(parents=True)
-    ledger = CommandLedger(state_dir / "state.db")
-    jobs = JobManager(JobStore(state_dir / "jobs"), settings.jobs)
-    dispatcher = Dispatcher(ledger, jobs, settings, AuditLog(state_dir / "audit.log"))
     client = ArgusClient(url, timeout_s=1.0)
     creds = AgentCredentials(server_url=url, agent_id="agent-tiny", agent_token="ag_live_tiny")
-    state, agent = ChannelState(), settings.agent
-    channel = AutoChannel(
-        "websocket", client, creds, dispatcher, state, agent, server_poll_interval_s=1.0
-    )
-    channel.served = lambda: dict(served or {})
-    shutdown = asyncio.Event()
-    task = asyncio.create_task(channel.run(shutdown))
-    try:
-        yield channel, dispatcher
-    finally:
-        shutdown.set()
-        await asyncio.wait_for(task, 10)
-        await client.aclose()
-        ledger.close()
+    async with local_dispatcher(settings) as dispatcher:
+        channel = AutoChannel(
+            "websocket",
+            client,
+            creds,
+            dispatcher,
+            ChannelState(),
+            settings.agent,
+            server_poll_interval_s=1.0,
+        )
+        channel.served = lambda: dict(served or {})
+        shutdown = asyncio.Event()
+        task = asyncio.create_task(channel.run(shutdown))
+        try:
+            yield channel, dispatcher
+        finally:
+            shutdown.set()
+            await asyncio.wait_for(task, 10)
+            await client.aclose()
 
 
 def _hostile_frames(rng: random.Random, count: int) -> list[str | bytes]:

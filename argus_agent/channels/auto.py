@@ -48,7 +48,7 @@ from argus_agent.dispatcher import Dispatcher
 from argus_agent.errors import ProtocolError, ServerError, TransientServerError
 from argus_agent.health import Health
 from argus_agent.logsetup import get_logger
-from argus_agent.protocol import CMD_ID_RE, KNOWN_KINDS
+from argus_agent.protocol import KNOWN_KINDS
 from argus_agent.status import ChannelState
 
 log = get_logger(__name__)
@@ -129,13 +129,13 @@ HELLO_BUDGET_BYTES = wsproto.MAX_MESSAGE_BYTES // 2
 
 
 def _within_budget(serves: Mapping[str, tuple[str, str]]) -> list[wsproto.ServedName]:
-    """The served names to announce, by agent id, as many as fit the hello's budget; ids
-    that are not the protocol's shape are left to polling."""
+    """The served names to announce, by agent id, as many as fit the hello's budget (their
+    ids have the protocol's shape: checked when registered and when read from the file)."""
     out: list[wsproto.ServedName] = []
     used = 0
     for agent_id, (hostname, token) in sorted(serves.items()):
-        if not CMD_ID_RE.fullmatch(agent_id) or len(out) >= 10_000:
-            continue
+        if len(out) >= 10_000:
+            break
         cost = len(agent_id) + len(hostname.encode()) + len(token.encode()) + 48
         if used + cost > HELLO_BUDGET_BYTES:
             break

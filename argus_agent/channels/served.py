@@ -81,8 +81,6 @@ class ServedState:
     state: str = "starting"
     last_ok_at: float | None = None
     last_error: str | None = None
-    polls: int = 0
-    commands: int = 0
     auth_reported: bool = False
 
 
@@ -165,7 +163,6 @@ class ServedHostsPoller:
                 if now >= self._next_refresh and (
                     self._refreshing is None or self._refreshing.done()
                 ):
-                    self._next_refresh = now + REFRESH_S
                     self._refreshing = asyncio.create_task(self._refresh_quietly())
                 covered = self.covered()
                 if covered != self._covered:
@@ -334,7 +331,6 @@ class ServedHostsPoller:
             except ServerError as exc:
                 self._failed(state, exc)
                 return
-            state.polls += 1
             if state.state != "connected":
                 state.backoff.reset()
                 state.auth_reported = False
@@ -370,7 +366,6 @@ class ServedHostsPoller:
 
         try:
             for item in items:
-                state.commands += 1
                 await self.dispatcher.handle(item, ack, via=name)
             await self.dispatcher.flush_acks(ack, via=name)
             self._pending.discard(name)

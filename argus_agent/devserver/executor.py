@@ -20,6 +20,7 @@ import json
 import sqlite3
 import time
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 from .ingest import record_server_event
@@ -251,9 +252,17 @@ def _command_item(row: sqlite3.Row) -> dict[str, Any]:
 
 
 def ack_command(
-    store: Store, agent_id: str, cmd_id: str, status: str, pid: int | None, error: str | None
+    store: Store,
+    agent_id: str,
+    cmd_id: str,
+    status: str,
+    pid: int | None,
+    error: str | None,
+    *,
+    serving: Collection[str] = (),
 ) -> dict[str, Any]:
-    """Record the agent's ack of *cmd_id*; return ``{cmd_id, status}``.
+    """Record the agent's ack of *cmd_id*; return ``{cmd_id, status}``. *serving*: the served
+    names' agent ids a websocket of *agent_id* may ack for too (acked as theirs).
 
     ``started`` on a rerun moves its batch ``requested`` → ``running``; ``failed`` leaves the
     batch ``requested`` and copies the error onto it (dev extra). Raises ApiError 404 (unknown
@@ -262,8 +271,9 @@ def ack_command(
     """
     with store.tx() as db:
         cmd = row_dict(db.execute("SELECT * FROM commands WHERE id = ?", (cmd_id,)).fetchone())
-        if cmd is None or cmd["agent_id"] != agent_id:
+        if cmd is None or (cmd["agent_id"] != agent_id and cmd["agent_id"] not in serving):
             raise ApiError(404, "command not found")
+        agent_id = cmd["agent_id"]
         if cmd["status"] != "pending":
             raise ApiError(409, f"cmd already in status {cmd['status']!r}")
         if status not in ("started", "failed"):
@@ -354,10 +364,3 @@ def touch_agents(store: Store, agent_ids: list[str]) -> None:
             "UPDATE agents SET last_seen_at = ?, last_seen_ts = ? WHERE id = ?",
             [(now_iso, now, agent_id) for agent_id in agent_ids],
         )
-
-
-def command_agent(store: Store, cmd_id: str) -> str | None:
-    """The agent a command was queued for (None: no such command)."""
-    with store.read() as db:
-        row = db.execute("SELECT agent_id FROM commands WHERE id = ?", (cmd_id,)).fetchone()
-    return None if row is None else str(row["agent_id"])

@@ -457,11 +457,16 @@ class _Session:
     def _ack(self, ack: wsproto.Ack) -> wsproto.AckResult:
         """The REST ack's rules and answers (200/409/404/400 as ok/conflict/not_found/invalid);
         a served name's command is acked as that name's agent."""
-        owner = self.agent_id
-        if self.serving and (queued_for := executor.command_agent(self.store, ack.cmd_id)):
-            owner = queued_for if queued_for in self.serving else owner
         try:
-            executor.ack_command(self.store, owner, ack.cmd_id, ack.status, ack.pid, ack.error)
+            executor.ack_command(
+                self.store,
+                self.agent_id,
+                ack.cmd_id,
+                ack.status,
+                ack.pid,
+                ack.error,
+                serving=self.serving,
+            )
         except ApiError as exc:
             self._touch()
             return wsproto.AckResult.from_http_status(ack.cmd_id, exc.status_code, str(exc.detail))

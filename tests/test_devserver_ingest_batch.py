@@ -13,27 +13,15 @@ from typing import Any
 
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from argus_agent.devserver import ingest
 from argus_agent.devserver.schemas import EventIn
 from argus_agent.devserver.store import ApiError, Store
-
-_json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=8),
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
-    ),
-    max_leaves=12,
-)
+from tests.test_devserver_wsframes import JSON_VALUES
 
 
 @settings(max_examples=300, deadline=None)
-@given(value=_json_values.filter(lambda v: v is not None))  # None is stored as NULL
+@given(value=JSON_VALUES.filter(lambda v: v is not None))  # None is stored as NULL
 def test_stored_json_is_the_text_json_dumps_makes(value: Any) -> None:
     assert ingest._dumps(value) == json.dumps(value, default=str, sort_keys=True)
 

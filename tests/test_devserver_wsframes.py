@@ -14,7 +14,8 @@ from argus_agent import wsproto as w
 from argus_agent.devserver.wsframes import EVENT_LIST, checked_events
 from tests.test_devserver_ws import envelope
 
-_json_values = st.recursive(
+#: Any JSON value, NaN, infinities and huge integers included (shared with the ingest tests).
+JSON_VALUES = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(min_value=-(2**70), max_value=2**70)
@@ -30,7 +31,7 @@ _json_values = st.recursive(
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=st.lists(
-        st.dictionaries(st.text(max_size=6), _json_values, max_size=3), min_size=1, max_size=3
+        st.dictionaries(st.text(max_size=6), JSON_VALUES, max_size=3), min_size=1, max_size=3
     ),
     deep=st.integers(min_value=0, max_value=w.MAX_FRAME_DEPTH + 2),
     cut=st.integers(min_value=0, max_value=40),

@@ -201,6 +201,14 @@ def _parser() -> argparse.ArgumentParser:
         "websocket endpoint is served)",
     )
     dev.add_argument(
+        "--no-frame-worker",
+        dest="frame_worker",
+        action="store_false",
+        help="parse websocket events frames in the server's own process (default: in a "
+        "child process while the server stores the frames before them, when this machine "
+        "has two CPUs or more)",
+    )
+    dev.add_argument(
         "--no-rate-limit",
         dest="rate_limit",
         action="store_false",
@@ -576,6 +584,7 @@ def _cmd_dev_server(args: argparse.Namespace) -> int:
             args.poll_interval,
             websocket=args.websocket,
             rate_limit=args.rate_limit,
+            frame_worker=args.frame_worker and (os.cpu_count() or 1) >= 2,
         )
     except OSError as exc:
         import errno

@@ -212,14 +212,27 @@ async def _server_process(
         proc.wait(10)
 
 
+def _tree_cpu_s(processes: list[psutil.Process]) -> float:
+    """User + system CPU seconds of *processes* (the server and its frame worker)."""
+    return sum(sum(p.cpu_times()[:2]) for p in processes)
+
+
 async def _events_per_s(
-    kind: str, args: argparse.Namespace, root: Path, *, deflate: bool = False
+    kind: str,
+    args: argparse.Namespace,
+    root: Path,
+    *,
+    deflate: bool = False,
+    frame_worker: bool = True,
 ) -> dict[str, Any]:
-    """Median events/s over ROUNDS rounds, and CPU microseconds per event on each side."""
+    """Median events/s over ROUNDS rounds, and CPU microseconds per event on each side (the
+    server's counts its frame worker's)."""
     root.mkdir()
     flags = ["--no-rate-limit"] + ([] if kind == "websocket" else ["--no-websocket"])
+    flags += [] if frame_worker else ["--no-frame-worker"]
     async with _server_process(root, *flags) as (proc, url, token):
-        server_cpu = psutil.Process(proc.pid)
+        server = psutil.Process(proc.pid)
+        server_side = [server, *server.children(recursive=True)]
         settings = _settings(
             url,
             token,
@@ -234,11 +247,11 @@ async def _events_per_s(
             await _throughput(running, min(2000, args.events))  # warm-up
             for _ in range(ROUNDS):
                 items = _log_events(args.events)  # not counted: the agent's sources make them
-                before = server_cpu.cpu_times(), time.process_time()
+                before = _tree_cpu_s(server_side), time.process_time()
                 rate = await _deliver(running, items)
-                after = server_cpu.cpu_times(), time.process_time()
-                server = sum(after[0][:2]) - sum(before[0][:2])
-                rounds.append((rate, (after[1] - before[1]) / args.events, server / args.events))
+                after = _tree_cpu_s(server_side), time.process_time()
+                spent = after[0] - before[0]
+                rounds.append((rate, (after[1] - before[1]) / args.events, spent / args.events))
             via = running.agent.sender.state.via
             await running.stop()
     rate, agent_s, server_s = sorted(rounds)[len(rounds) // 2]
@@ -327,6 +340,7 @@ async def main(args: argparse.Namespace) -> None:
         poll = await _in_process("poll", args, root / "poll")
         ws_rate = await _events_per_s("websocket", args, root / "ws-events")
         rest_rate = await _events_per_s("poll", args, root / "rest-events")
+        inline = await _events_per_s("websocket", args, root / "ws-inline", frame_worker=False)
         deflated = await _events_per_s("websocket", args, root / "deflate", deflate=True)
         hung = await _hung(args.trials, root / "hung")
     finally:
@@ -357,14 +371,15 @@ async def main(args: argparse.Namespace) -> None:
     print(
         f"events from one agent to a dev-server process, median of {ROUNDS} rounds of {args.events}"
     )
-    print(f"{'':<28} {'events/s':>10} {'agent us/event':>15} {'server us/event':>16}")
+    print(f"{'':<40} {'events/s':>10} {'agent us/event':>15} {'server us/event':>16}")
     for label, r in (
         ("over the websocket", ws_rate),
         ("REST batches", rest_rate),
+        ("websocket, no frame worker", inline),
         ("websocket + deflate", deflated),
     ):
         print(
-            f"{label + ' (via ' + str(r['via']) + ')':<28} {r['rate']:10.0f} "
+            f"{label + ' (via ' + str(r['via']) + ')':<40} {r['rate']:10.0f} "
             f"{r['agent_us']:15.1f} {r['server_us']:16.1f}"
         )
     ratio = ws_rate["rate"] / rest_rate["rate"]

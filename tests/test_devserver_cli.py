@@ -91,6 +91,7 @@ def test_dev_server_help_explains_every_flag_with_its_default() -> None:
         "--user",
         "--poll-interval",
         "--no-websocket",
+        "--no-frame-worker",
         "--no-rate-limit",
     }
     for action in own:

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from .schemas import DATA_MODELS, EventIn, Source
+from .schemas import DATA_MODELS, EventIn
 from .store import ApiError, Store, loads_or, row_dict, utcnow_iso
 
 SUPPORTED_SCHEMA_VERSIONS = ("1.1",)
@@ -71,7 +71,13 @@ def ingest_one(store: Store, event: EventIn, owner_id: int) -> tuple[int, bool]:
     """
     _check_envelope(event)
     with store.tx() as db:
-        return _store_event(db, event, owner_id)
+        known = db.execute("SELECT id FROM events WHERE event_id = ?", (event.event_id,)).fetchone()
+        if known is not None:  # a duplicate: nothing checked or written
+            return int(known["id"]), True
+        row = _row(event, utcnow_iso(), _data_error(DATA_MODELS.get(event.event_type), event.data))
+        cur = db.execute(_INSERT_EVENT, row)
+        _apply(db, row, owner_id, _Seen())
+        return int(cur.lastrowid or 0), False
 
 
 def ingest_many(
@@ -88,10 +94,48 @@ def ingest_many_in(
     db: sqlite3.Connection, events: list[EventIn], owner_id: int
 ) -> list[tuple[int, bool] | ApiError]:
     """:func:`ingest_many` inside the caller's transaction (the websocket stores an events
-    frame and its confirmed seq together). Every check that can refuse an event runs before
-    it writes anything, so no savepoint is needed; a batch's stub row is written once."""
-    seen = _Seen(utcnow_iso())
-    ids = list({e.event_id for e in events if e.event_id})
+    frame and its confirmed seq together): :func:`prepare`, then :func:`store_prepared`."""
+    return store_prepared(db, prepare(events), owner_id)
+
+
+#: One event after every check that needs no database (:func:`prepare`): its event_id; the
+#: refusal that comes before de-duplication (an envelope the server does not take: 415 or
+#: 422), as ``(status, detail)``; the refusal that comes after it (bad ``data`` 422, a job
+#: event without job_id 400); and its ``events`` row when neither refused it. Plain tuples of
+#: JSON values, so that a worker process can hand them over (:mod:`.frameworker`).
+Prepared = tuple[str | None, tuple[int, Any] | None, tuple[int, Any] | None, tuple[Any, ...] | None]
+
+
+def prepare(events: list[EventIn], now: str | None = None) -> list[Prepared]:
+    """Every check of a batch's events that needs no database, and their rows; pure (it runs
+    in the reference server's frame worker for websocket frames, :mod:`.frameworker`)."""
+    now = now or utcnow_iso()
+    bad_data = _data_errors(events)  # every event's data in one call per event type
+    sources: dict[tuple[Any, ...], str | None] = {}  # a frame's events mostly share one source
+    out: list[Prepared] = []
+    for index, event in enumerate(events):
+        try:
+            _check_envelope(event)
+        except ApiError as exc:
+            out.append((event.event_id, (exc.status_code, exc.detail), None, None))
+            continue
+        try:
+            out.append((event.event_id, None, None, _row(event, now, bad_data.get(index), sources)))
+        except ApiError as exc:
+            out.append((event.event_id, None, (exc.status_code, exc.detail), None))
+    return out
+
+
+def store_prepared(
+    db: sqlite3.Connection, items: list[Prepared], owner_id: int
+) -> list[tuple[int, bool] | ApiError]:
+    """Store prepared events inside the caller's transaction, by the rules of
+    :func:`ingest_one` applied in order: a bad envelope is refused; a known event_id (stored
+    before, or earlier in this batch) is a duplicate whatever its data says; then a refusal
+    from :func:`prepare` stands; the rest are inserted with one ``executemany`` (a fifth of
+    the websocket's ingest time went to one execute per event) and applied in order."""
+    seen = _Seen()
+    ids = list({item[0] for item in items if item[0] and item[1] is None})
     for start in range(0, len(ids), 500):  # one query for the batch's duplicates
         chunk = ids[start : start + 500]
         marks = ",".join("?" * len(chunk))
@@ -99,40 +143,32 @@ def ingest_many_in(
             f"SELECT event_id, id FROM events WHERE event_id IN ({marks})", chunk
         ):
             seen.known[row["event_id"]] = int(row["id"])
-    seen.prefetched = True
-    bad_data = _data_errors(events)  # every event's data in one call per event type
-    # Check every event first, then insert the new ones with one executemany (a fifth of the
-    # websocket's ingest time went to one execute per event), then apply them in order.
-    outcomes: list[tuple[int, bool] | ApiError | None] = [None] * len(events)
-    fresh: list[tuple[int, EventIn, tuple[Any, ...]]] = []
-    first_of: dict[str, int] = {}  # event_id -> index of its first, not yet inserted, copy
-    for index, event in enumerate(events):
-        try:
-            _check_envelope(event)
-            if event.event_id in seen.known:
-                outcomes[index] = (seen.known[event.event_id], True)
-            elif event.event_id is not None and event.event_id in first_of:
-                continue  # a copy of an earlier event of this batch: settled below
-            else:
-                if index in bad_data:
-                    raise bad_data[index]
-                fresh.append((index, event, _row(event, seen, data_checked=True)))
-                if event.event_id is not None:
-                    first_of[event.event_id] = index
-        except ApiError as exc:
-            outcomes[index] = exc
+    outcomes: list[tuple[int, bool] | ApiError | None] = [None] * len(items)
+    fresh: list[tuple[int, tuple[Any, ...]]] = []
+    first_of: set[str] = set()  # event_ids of this batch's first, not yet inserted, copies
+    for index, (event_id, envelope, refusal, row) in enumerate(items):
+        if envelope is not None:
+            outcomes[index] = ApiError(*envelope)
+        elif event_id in seen.known:
+            outcomes[index] = (seen.known[event_id], True)
+        elif event_id in first_of:
+            continue  # a copy of an earlier event of this batch: settled below
+        elif refusal is not None or row is None:
+            outcomes[index] = ApiError(*(refusal or (500, "not prepared")))
+        else:
+            fresh.append((index, row))
+            first_of.add(row[0])
     if fresh:
-        db.executemany(_INSERT_EVENT, [row for _, _, row in fresh])
+        db.executemany(_INSERT_EVENT, [row for _, row in fresh])
         # AUTOINCREMENT ids are consecutive within one statement of one writer.
         last = int(db.execute("SELECT last_insert_rowid()").fetchone()[0])
-        for offset, (index, event, _) in enumerate(fresh, start=last - len(fresh) + 1):
+        for offset, (index, row) in enumerate(fresh, start=last - len(fresh) + 1):
             outcomes[index] = (offset, False)
-            _apply(db, event, owner_id, seen)
-            if event.event_id is not None:
-                seen.known[event.event_id] = offset
-    for index, event in enumerate(events):
+            _apply(db, row, owner_id, seen)
+            seen.known[row[0]] = offset
+    for index, item in enumerate(items):
         if outcomes[index] is None:  # a copy: the first one's id
-            outcomes[index] = (seen.known[str(event.event_id)], True)
+            outcomes[index] = (seen.known[str(item[0])], True)
     return [o for o in outcomes if o is not None]
 
 
@@ -176,60 +212,47 @@ def _check_envelope(event: EventIn) -> None:
 
 
 class _Seen:
-    """What one transaction already did: its received_at, the batches it stubbed and, once
-    ``prefetched``, every stored event_id of its events (with their row ids)."""
+    """What one transaction already did: the batches it stubbed, the stored event_ids of its
+    events (with their row ids) and the sources it read back from their JSON."""
 
-    def __init__(self, now: str) -> None:
-        self.now = now
+    def __init__(self) -> None:
         self.stubbed: set[str] = set()
         self.known: dict[str, int] = {}
-        self.prefetched = False
-        #: Stored ``source`` JSON by its fields: a frame's events mostly share one source.
-        self.sources: dict[tuple[Any, ...], str | None] = {}
+        self._sources: dict[str, dict[str, Any]] = {}
 
-    def source_json(self, source: Source) -> str | None:
-        key = tuple(source.__dict__.values())
-        if key not in self.sources:
-            self.sources[key] = _dumps(source.model_dump())
-        return self.sources[key]
-
-
-def _store_event(
-    db: sqlite3.Connection, event: EventIn, owner_id: int, seen: _Seen | None = None
-) -> tuple[int, bool]:
-    """Store one checked envelope: a known event_id is a duplicate (nothing checked or
-    written); else its data and job_id are checked (ApiError 422 / 400 before any write),
-    then it is inserted and applied."""
-    seen = seen if seen is not None else _Seen(utcnow_iso())
-    if event.event_id in seen.known:
-        return seen.known[event.event_id], True
-    if not seen.prefetched:
-        row = db.execute("SELECT id FROM events WHERE event_id = ?", (event.event_id,)).fetchone()
-        if row is not None:
-            return int(row["id"]), True
-    cur = db.execute(_INSERT_EVENT, _row(event, seen))
-    _apply(db, event, owner_id, seen)
-    db_id = int(cur.lastrowid or 0)
-    if event.event_id:
-        seen.known[event.event_id] = db_id
-    return db_id, False
+    def source(self, stored: str | None) -> dict[str, Any]:
+        if stored is None:
+            return {}
+        if stored not in self._sources:
+            self._sources[stored] = json.loads(stored)
+        return self._sources[stored]
 
 
 _INSERT_EVENT = (
     "INSERT INTO events (event_id, batch_id, job_id, event_type, timestamp, "
     "schema_version, source, data, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+#: The positions in an ``events`` row (:data:`_INSERT_EVENT`'s columns) that apply reads.
+_BATCH_ID, _JOB_ID, _TYPE, _TIMESTAMP, _SOURCE, _DATA = 1, 2, 3, 4, 6, 7
 
 
-def _row(event: EventIn, seen: _Seen, data_checked: bool = False) -> tuple[Any, ...]:
-    """The event's ``events`` row, after checking its data (unless ``data_checked``: the
-    caller did, see :func:`_data_errors`) and job_id (ApiError 422 / 400)."""
-    if not data_checked:
-        error = _data_error(DATA_MODELS.get(event.event_type), event.data)
-        if error is not None:
-            raise error
+def _row(
+    event: EventIn,
+    now: str,
+    data_error: ApiError | None,
+    sources: dict[tuple[Any, ...], str | None] | None = None,
+) -> tuple[Any, ...]:
+    """The event's ``events`` row; raises *data_error* (its data's 422, checked by the
+    caller) or the 400 of a job event without job_id. *sources* keeps ``source`` JSON by
+    its fields across calls."""
+    if data_error is not None:
+        raise data_error
     if event.event_type in _JOB_EVENTS_NEED_ID and event.job_id is None:
         raise ApiError(400, _JOB_EVENTS_NEED_ID[event.event_type])
+    sources = {} if sources is None else sources
+    key = tuple(event.source.__dict__.values())
+    if key not in sources:
+        sources[key] = _dumps(event.source.model_dump())
     return (
         event.event_id,
         event.batch_id,
@@ -237,9 +260,9 @@ def _row(event: EventIn, seen: _Seen, data_checked: bool = False) -> tuple[Any, 
         event.event_type,
         event.timestamp,
         event.schema_version,
-        seen.source_json(event.source),
+        sources[key],
         _dumps(event.data),
-        seen.now,
+        now,
     )
 
 
@@ -291,80 +314,92 @@ def record_server_event(
 # ---------------------------------------------------------------- side effects
 
 
-def _apply(db: sqlite3.Connection, event: EventIn, owner_id: int, seen: _Seen) -> None:
-    kind = event.event_type
-    data = event.data
-    if kind == "batch_start":
-        _batch_start(db, event, owner_id)
+def _apply(db: sqlite3.Connection, row: tuple[Any, ...], owner_id: int, seen: _Seen) -> None:
+    """The side effects of one stored event, from its ``events`` row (the only form a
+    prepared event has); ``data`` is read back from its JSON for the few types that use it."""
+    kind, batch_id, job_id = row[_TYPE], row[_BATCH_ID], row[_JOB_ID]
+    if kind == "log_line":  # the usual event first
+        _stub_batch(db, row, owner_id, seen)
+    elif kind == "batch_start":
+        _batch_start(db, row, owner_id, seen)
     elif kind in ("batch_done", "batch_failed"):
-        _stub_batch(db, event, owner_id, seen)
+        _stub_batch(db, row, owner_id, seen)
         status = "done" if kind == "batch_done" else "failed"
-        error = data.get("error") if kind == "batch_failed" else None
+        error = json.loads(row[_DATA]).get("error") if kind == "batch_failed" else None
         db.execute(
             "UPDATE batches SET status = ?, end_time = ?, error = COALESCE(?, error) WHERE id = ?",
-            (status, event.timestamp, error, event.batch_id),
+            (status, row[_TIMESTAMP], error, batch_id),
         )
     elif kind in ("job_start", "job_epoch", "job_done", "job_failed"):
-        _stub_batch(db, event, owner_id, seen)
+        _stub_batch(db, row, owner_id, seen)
         status = {
             "job_start": "running",
             "job_epoch": None,
-            "job_done": str(data.get("status") or "done").lower(),
+            "job_done": None,
             "job_failed": "failed",
         }[kind]
+        if kind == "job_done":
+            status = str(json.loads(row[_DATA]).get("status") or "done").lower()
         db.execute(
             "INSERT INTO jobs (batch_id, job_id, status) VALUES (?, ?, 'running') "
             "ON CONFLICT (batch_id, job_id) DO NOTHING",
-            (event.batch_id, event.job_id),
+            (batch_id, job_id),
         )
         if status is not None:
             db.execute(
                 "UPDATE jobs SET status = ? WHERE batch_id = ? AND job_id = ?",
-                (status, event.batch_id, event.job_id),
+                (status, batch_id, job_id),
             )
-    elif kind == "log_line":
-        _stub_batch(db, event, owner_id, seen)
     elif kind == "env_snapshot":
-        _stub_batch(db, event, owner_id, seen)
-        db.execute(
+        _stub_batch(db, row, owner_id, seen)
+        db.execute(  # the stored data is the data's JSON already
             "UPDATE batches SET env_snapshot = ? WHERE id = ? AND env_snapshot IS NULL",
-            (_dumps(data), event.batch_id),
+            (row[_DATA], batch_id),
         )
     # resource_snapshot: stored per host in the real server; here only as the raw event.
 
 
-def _stub_batch(db: sqlite3.Connection, event: EventIn, owner_id: int, seen: _Seen) -> None:
+def _stub_batch(db: sqlite3.Connection, row: tuple[Any, ...], owner_id: int, seen: _Seen) -> None:
     """Create the event's batch (status running) when it does not exist yet (once per
     transaction: nothing deletes a batch)."""
-    if event.batch_id in seen.stubbed:
+    batch_id = row[_BATCH_ID]
+    if batch_id in seen.stubbed:
         return
-    seen.stubbed.add(event.batch_id)
-    src = event.source
+    seen.stubbed.add(batch_id)
+    src = seen.source(row[_SOURCE])
     db.execute(
         "INSERT INTO batches (id, project, user, host, command, status, start_time, owner_id) "
         "VALUES (?, ?, ?, ?, ?, 'running', ?, ?) ON CONFLICT (id) DO NOTHING",
-        (event.batch_id, src.project, src.user, src.host, src.command, event.timestamp, owner_id),
+        (
+            batch_id,
+            src.get("project"),
+            src.get("user"),
+            src.get("host"),
+            src.get("command"),
+            row[_TIMESTAMP],
+            owner_id,
+        ),
     )
 
 
-def _batch_start(db: sqlite3.Connection, event: EventIn, owner_id: int) -> None:
-    src, data = event.source, event.data
-    old = row_dict(db.execute("SELECT * FROM batches WHERE id = ?", (event.batch_id,)).fetchone())
-    command = data.get("command") or src.command
+def _batch_start(db: sqlite3.Connection, row: tuple[Any, ...], owner_id: int, seen: _Seen) -> None:
+    src, data, batch_id = seen.source(row[_SOURCE]), json.loads(row[_DATA]), row[_BATCH_ID]
+    old = row_dict(db.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone())
+    command = data.get("command") or src.get("command")
     if old is None:
         db.execute(
             "INSERT INTO batches (id, project, user, host, command, experiment_type, n_total, "
             "status, start_time, end_time, owner_id) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, NULL, ?)",
             (
-                event.batch_id,
-                src.project,
-                src.user,
-                src.host,
+                batch_id,
+                src.get("project"),
+                src.get("user"),
+                src.get("host"),
                 command,
                 data.get("experiment_type"),
                 data.get("n_total_jobs"),
-                event.timestamp,
+                row[_TIMESTAMP],
                 owner_id,
             ),
         )
@@ -375,16 +410,16 @@ def _batch_start(db: sqlite3.Connection, event: EventIn, owner_id: int) -> None:
         "UPDATE batches SET project = ?, user = ?, host = ?, command = ?, experiment_type = ?, "
         "n_total = ?, status = ?, end_time = ?, owner_id = COALESCE(owner_id, ?) WHERE id = ?",
         (
-            src.project,
-            src.user or old["user"],
-            src.host or old["host"],
+            src.get("project"),
+            src.get("user") or old["user"],
+            src.get("host") or old["host"],
             command or old["command"],
             data.get("experiment_type") or old["experiment_type"],
             data.get("n_total_jobs", old["n_total"]),
             "running" if reopen else old["status"],
             None if reopen else old["end_time"],
             owner_id,
-            event.batch_id,
+            batch_id,
         ),
     )
 

@@ -28,6 +28,7 @@ from argus_agent.config import is_loopback
 
 from .app import create_app
 from .faults import FaultRegistry
+from .frameworker import FrameWorker
 from .ratelimit import TokenBucket
 from .store import Store
 from .ws import WsHub
@@ -163,7 +164,7 @@ class DevServer:
             self._server, self._error = server, None
             thread = threading.Thread(
                 target=self._run,
-                args=(server, sock),
+                args=(server, sock, app.state.ws_hub),
                 name=f"argus-devserver-{self.port}",
                 daemon=True,
             )
@@ -178,11 +179,26 @@ class DevServer:
                 time.sleep(0.01)
         return self
 
-    def _run(self, server: uvicorn.Server, sock: socket.socket) -> None:
+    def _run(self, server: uvicorn.Server, sock: socket.socket, hub: WsHub | None) -> None:
         try:
-            asyncio.run(server.serve(sockets=[sock]))
+            asyncio.run(self._serve(server, sock, hub))
         except BaseException as exc:  # reported by start(); a thread must not die silently
             self._error = exc
+
+    async def _serve(self, server: uvicorn.Server, sock: socket.socket, hub: WsHub | None) -> None:
+        """uvicorn, with the frame worker (when asked) from before the first frame to after
+        the last."""
+        if hub is None or not self.ws_options.frame_worker:
+            await server.serve(sockets=[sock])
+            return
+        worker = FrameWorker()
+        await worker.start()
+        hub.frame_worker = worker
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            hub.frame_worker = None
+            await worker.close()
 
     def stop(self) -> None:
         """Stop serving, close the socket and the database; blocks until down. Idempotent."""
@@ -192,6 +208,12 @@ class DevServer:
     def ws_connected(self, agent_id: str) -> bool:
         """Whether *agent_id* holds a websocket session (past hello) right now."""
         return self._ws_hub is not None and self._ws_hub.connected(agent_id)
+
+    @property
+    def frame_worker_pid(self) -> int | None:
+        """The pid of the frame worker (``WsOptions.frame_worker``) while it runs."""
+        worker = self._ws_hub.frame_worker if self._ws_hub is not None else None
+        return worker.pid if worker is not None and worker.alive else None
 
     def _teardown(self) -> None:
         if self._ws_hub is not None and self.running:
@@ -270,6 +292,7 @@ def serve(
     *,
     websocket: bool = True,
     rate_limit: bool = True,
+    frame_worker: bool = False,
 ) -> None:
     """Run a dev server in the foreground until SIGINT or SIGTERM (the ``dev-server`` command).
 
@@ -278,7 +301,8 @@ def serve(
     hint saying how to get a token (:data:`TOKEN_HINT`); on a *host* that is not loopback, a
     warning that the ``/api/_dev`` routes have no authentication (:data:`EXPOSED_WARNING`).
     *websocket* False serves no websocket endpoint (as Argus v0.3.0); *rate_limit* False
-    turns the ingest limit off. Must be called from the main thread. Raises OSError when the
+    turns the ingest limit off; *frame_worker* parses websocket events frames in a child
+    process (:mod:`.frameworker`). Must be called from the main thread. Raises OSError when the
     port is taken.
     """
     stop = threading.Event()
@@ -292,7 +316,7 @@ def serve(
         host=host,
         port=port,
         poll_interval_s=poll_interval_s,
-        websocket=websocket,
+        websocket=WsOptions(enabled=websocket, frame_worker=frame_worker),
         ingest_rate_limit=rate_limit,
     )
     try:

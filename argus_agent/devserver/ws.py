@@ -34,19 +34,18 @@ import contextlib
 import contextvars
 import json
 import logging
-import sqlite3
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from argus_agent import __version__, wsproto
 from argus_agent.wsproto import CloseCode, ErrorCode, FrameError
 
-from . import executor, ingest, wsframes
-from .schemas import EventIn
+from . import executor, wsevents, wsframes
+from .frameworker import FrameWorker, WorkerGone
 from .store import ApiError, Store
 from .wsoptions import WsFaults, WsOptions
 
@@ -56,7 +55,11 @@ _log = logging.getLogger(__name__)
 _MAX_CLOSE_REASON_BYTES = 123
 #: At most one last_seen bump per this many seconds for frames that write nothing else.
 _TOUCH_EVERY_S = 0.5
+_T = TypeVar("_T")
 _GONE = (WebSocketDisconnect, WebSocketDisconnected, OSError)
+#: Frames read ahead of the one being handled: enough to keep a frame worker busy while a
+#: frame is stored, few enough that a flood waits in TCP, not in this process.
+_FRAMES_AHEAD = 4
 
 #: Set in the ASGI task of an upgrade this endpoint refused with an HTTP denial.
 _denied: contextvars.ContextVar[bool] = contextvars.ContextVar("ws_denied", default=False)
@@ -72,6 +75,31 @@ class _DenialNoiseFilter(logging.Filter):
 
 
 _DENIAL_FILTER = _DenialNoiseFilter()
+
+
+class _Ended(Exception):
+    """The frame handler ended the session while the reader waited."""
+
+
+async def _unless_ended(step: Awaitable[_T], handler: asyncio.Task[None]) -> _T:
+    """*step*'s result; raises :class:`_Ended` (*step* cancelled) when *handler* ends first."""
+    task = asyncio.ensure_future(step)
+    try:
+        await asyncio.wait((task, handler), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise _Ended
+    return task.result()
+
+
+def _cancel_queued(queue: asyncio.Queue[Any]) -> None:
+    """Cancel the worker's preparations of frames that will not be handled."""
+    while not queue.empty():
+        item = queue.get_nowait()
+        if item is not None and item[1] is not None:
+            item[1].cancel()
 
 
 def close_reason(text: str) -> str:
@@ -94,6 +122,8 @@ class WsHub:
         self.options = options
         self.faults = faults
         self.loop: asyncio.AbstractEventLoop | None = None
+        #: Parses events frames for every session when set (the server's runner starts it).
+        self.frame_worker: FrameWorker | None = None
         self._sessions: dict[str, _Session] = {}  # agent_id -> the session that said hello
         self._served: dict[str, _Session] = {}  # a served name's agent_id -> its session
         self._live: set[_Session] = set()  # every accepted connection, hello or not
@@ -386,45 +416,101 @@ class _Session:
         return not self.closed
 
     async def _receive_loop(self) -> None:
-        while not self.closed:
-            message = await self._receive()
-            if message is None:
+        """Read frames and hand them, in order, to :meth:`_handle_frames`, at most
+        ``_FRAMES_AHEAD`` ahead of it. With a frame worker, an events frame goes to the
+        worker as it is read, so the worker parses the next frames while this process stores
+        the current one."""
+        queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[Any] | None] | None]
+        queue = asyncio.Queue(_FRAMES_AHEAD)
+        handler = asyncio.create_task(self._handle_frames(queue), name=f"ws-in-{self.agent_id}")
+        try:
+            while not self.closed:
+                message = await _unless_ended(self._receive(), handler)
+                if message is None:  # the connection ended
+                    break
+                ahead = self._ahead(message)
+                try:
+                    await _unless_ended(queue.put((message, ahead)), handler)
+                except _Ended:
+                    if ahead is not None:
+                        ahead.cancel()
+                    raise
+            await _unless_ended(queue.put(None), handler)  # what was read is still handled
+        except _Ended:  # the handler ended the session: what it left is not handled
+            _cancel_queued(queue)
+        except BaseException:
+            handler.cancel()
+            _cancel_queued(queue)
+            raise
+        await handler  # its failure is the session's
+
+    def _ahead(self, message: dict[str, Any]) -> asyncio.Future[Any] | None:
+        """An events frame's preparation, started in the frame worker; None without one."""
+        worker = self.hub.frame_worker
+        text = message.get("text")
+        if worker is None or not worker.alive or not wsframes.looks_like_events(text):
+            return None
+        return asyncio.ensure_future(worker.prepare(str(text)))
+
+    async def _handle_frames(
+        self, queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[Any] | None] | None]
+    ) -> None:
+        while (item := await queue.get()) is not None:
+            if not await self._handle(*item):
                 return
-            self._frames += 1
-            drop = self._drop_after is not None and self._frames >= self._drop_after
-            decoded = wsframes.checked_events(message) or wsframes.decode(message)
-            answer: wsproto.Message | None = None
-            if isinstance(decoded, FrameError):
-                if await self._bad_frame(decoded, answer=not drop):
-                    return
-            elif isinstance(decoded, wsproto.Hello):
-                await self._error(ErrorCode.OUT_OF_ORDER, "a second hello on one connection")
-                await self.close(CloseCode.PROTOCOL, "a second hello")
-                return
-            elif isinstance(decoded, wsproto.Ack):
-                answer = self._ack(decoded)
-            elif isinstance(decoded, wsproto.Events | wsframes.CheckedEvents):
-                answer = self._events(decoded)
-                if answer is None:
-                    await self._error(
-                        ErrorCode.INTERNAL,
-                        "the server could not store this frame",
-                        str(decoded.seq),
-                    )
-                    await self.close(CloseCode.INTERNAL, "could not store events; reconnect")
-                    return
-            elif isinstance(decoded, wsproto.ErrorMsg):
-                _log.debug("agent %s reported %s: %s", self.agent_id, decoded.code, decoded.reason)
-            if not isinstance(decoded, wsproto.Ack | wsproto.Events | wsframes.CheckedEvents):
-                self._touch()
-            if drop:
-                _log.info("fault: dropping %s after %d frames", self.agent_id, self._frames)
-                await self.close(
-                    CloseCode.INTERNAL, f"fault injected: dropped after {self._frames} frames"
+
+    async def _decode(
+        self, message: dict[str, Any], ahead: asyncio.Future[Any] | None
+    ) -> wsframes.PreparedFrame | wsproto.Message | FrameError:
+        """The frame prepared (a well-formed events frame: by the worker, or here when there
+        is none or it is gone), else decoded by the protocol's decoder for its exact answer."""
+        text = message.get("text")
+        if ahead is not None:
+            try:
+                prepared = await ahead
+            except WorkerGone:
+                prepared = wsframes.prepare_frame(str(text))
+        else:
+            prepared = wsframes.prepare_frame(text) if text is not None else None
+        return prepared if prepared is not None else wsframes.decode(message)
+
+    async def _handle(self, message: dict[str, Any], ahead: asyncio.Future[Any] | None) -> bool:
+        """Answer one frame; False when the session is over."""
+        self._frames += 1
+        drop = self._drop_after is not None and self._frames >= self._drop_after
+        decoded = await self._decode(message, ahead)
+        answer: wsproto.Message | None = None
+        if isinstance(decoded, FrameError):
+            if await self._bad_frame(decoded, answer=not drop):
+                return False
+        elif isinstance(decoded, wsproto.Hello):
+            await self._error(ErrorCode.OUT_OF_ORDER, "a second hello on one connection")
+            await self.close(CloseCode.PROTOCOL, "a second hello")
+            return False
+        elif isinstance(decoded, wsproto.Ack):
+            answer = self._ack(decoded)
+        elif isinstance(decoded, wsproto.Events | wsframes.PreparedFrame):
+            answer = wsevents.store_frame(self.store, self.agent_id, self.owner_id, decoded)
+            if answer is None:
+                await self._error(
+                    ErrorCode.INTERNAL, "the server could not store this frame", str(decoded.seq)
                 )
-                return
-            if answer is not None:
-                await self.send(answer)
+                await self.close(CloseCode.INTERNAL, "could not store events; reconnect")
+                return False
+            self._touched = time.monotonic()
+        elif isinstance(decoded, wsproto.ErrorMsg):
+            _log.debug("agent %s reported %s: %s", self.agent_id, decoded.code, decoded.reason)
+        if not isinstance(decoded, wsproto.Ack | wsproto.Events | wsframes.PreparedFrame):
+            self._touch()
+        if drop:
+            _log.info("fault: dropping %s after %d frames", self.agent_id, self._frames)
+            await self.close(
+                CloseCode.INTERNAL, f"fault injected: dropped after {self._frames} frames"
+            )
+            return False
+        if answer is not None:
+            await self.send(answer)
+        return not self.closed
 
     async def _bad_frame(self, error: FrameError, *, answer: bool) -> bool:
         """Answer a frame that did not decode; True when the burst limit closed the
@@ -472,66 +558,6 @@ class _Session:
             return wsproto.AckResult.from_http_status(ack.cmd_id, exc.status_code, str(exc.detail))
         self._touched = time.monotonic()
         return wsproto.AckResult(cmd_id=ack.cmd_id, result="ok")
-
-    def _events(self, frame: wsproto.Events | wsframes.CheckedEvents) -> wsproto.Confirm | None:
-        """Store the frame's events and its seq in one transaction; the confirm (listing only
-        the rejected events), or None when the database failed (nothing is then stored)."""
-        rejections: dict[int, wsproto.Rejection] = {}  # by the event's index in the frame
-        if isinstance(frame, wsframes.CheckedEvents):
-            valid, indices = frame.events, list(range(len(frame.events)))
-        else:
-            valid, indices = self._valid_events(frame, rejections)
-        return self._store_events(frame.seq, len(frame.events), valid, indices, rejections)
-
-    @staticmethod
-    def _valid_events(
-        frame: wsproto.Events, rejections: dict[int, wsproto.Rejection]
-    ) -> tuple[list[EventIn], list[int]]:
-        """The frame's envelopes that are envelopes, with their indices; the others go to
-        ``rejections``."""
-        try:  # the whole frame in one validation call; one by one only when something is off
-            valid = wsframes.EVENT_LIST.validate_python(frame.events)
-            indices = list(range(len(valid)))
-        except ValidationError:
-            valid, indices = [], []
-            for index, raw in enumerate(frame.events):
-                try:
-                    valid.append(EventIn.model_validate(raw))
-                    indices.append(index)
-                except ValidationError as exc:
-                    rejections[index] = wsframes.rejection(raw, exc)
-        return valid, indices
-
-    def _store_events(
-        self,
-        seq: int,
-        count: int,
-        valid: list[EventIn],
-        indices: list[int],
-        rejections: dict[int, wsproto.Rejection],
-    ) -> wsproto.Confirm | None:
-        try:
-            with self.store.tx() as db:
-                outcomes = ingest.ingest_many_in(db, valid, self.owner_id)
-                Store.raise_confirmed_seq(db, self.agent_id, seq)
-                Store.touch_agent(db, self.agent_id)
-        except sqlite3.Error:
-            _log.exception("could not store events frame %d of %s", seq, self.agent_id)
-            return None
-        self._touched = time.monotonic()
-        for index, event, outcome in zip(indices, valid, outcomes, strict=True):
-            if isinstance(outcome, ApiError):
-                error = (
-                    wsframes.trim(str(outcome.detail), wsproto.MAX_ACK_ERROR_CHARS) or "rejected"
-                )
-                rejections[index] = wsproto.Rejection(event_id=event.event_id, error=error)
-        return wsproto.Confirm(
-            seq=seq,
-            accepted=count - len(rejections),
-            rejected=len(rejections),
-            deduplicated=sum(1 for o in outcomes if not isinstance(o, ApiError) and o[1]),
-            rejections=[rejections[i] for i in sorted(rejections)],
-        )
 
     async def _push_loop(self) -> None:
         """Push every pending command not yet pushed on this connection, then wait for the

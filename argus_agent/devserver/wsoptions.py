@@ -30,6 +30,10 @@ class WsOptions:
     #: How often a session without a wake-up re-checks the queue (a safety net: commands
     #: are pushed on commit), re-checks the token (4401) and bumps the agent's last_seen.
     recheck_s: float = wsproto.PING_INTERVAL_S
+    #: Parse events frames in a child process (:mod:`.frameworker`) while the server stores
+    #: the frames before them: the server's events/s on two cores or more. ``dev-server``
+    #: turns it on; in-process servers (tests, the demo) keep it off unless asked.
+    frame_worker: bool = False
 
 
 class WsFaults:

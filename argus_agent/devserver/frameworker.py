@@ -1,0 +1,173 @@
+"""The reference server's frame worker: a child process that parses and checks websocket
+``events`` frames (:func:`wsframes.prepare_frame`), so that the server's own process only
+stores them. Parsing and checking is about half of the server's CPU for an events frame; on
+a machine with two cores or more, the worker does it for the next frames while the event loop
+stores the current one (``bench/websocket.py``; ``dev-server`` runs one unless
+``--no-frame-worker``; tests' in-process servers run none unless asked).
+
+Parent side: :class:`FrameWorker`, used by :mod:`.ws` from the server's event loop. It owns
+the child (``python -m argus_agent.devserver.frameworker``), one task reading its answers, and
+the futures waiting for them. A worker that is gone (crashed, killed) answers
+:class:`WorkerGone`; the session then parses that frame itself and the server goes on without
+a worker (the log says so once).
+
+Wire, over the child's stdin and stdout: a request is a header (request id, byte length) and
+the frame's text in UTF-8; an answer is a header and the ``marshal`` of a
+:class:`wsframes.PreparedFrame` as a plain tuple, or of None (not a well-formed events frame:
+the session decodes it itself, for the protocol's exact answer). ``marshal`` rather than
+``pickle``: the answer is tuples of strings, numbers and JSON values, which marshal writes and
+reads in 0.7 µs an event against pickle's 0.9 (a frame of 500 log lines); both ends are the
+same interpreter, the one version of the format it needs.
+Hand-written rather than a
+``concurrent.futures.ProcessPoolExecutor``: its feeder and result threads need the GIL that the
+event loop holds while it stores a frame (the thread switch interval is 5 ms), which a worker
+on the event loop's own pipes never waits for.
+
+The child exits when its stdin closes: when the server closes the worker, and when the
+server's process dies (the kernel closes the pipe), so no worker outlives its server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import marshal
+import signal
+import struct
+import sys
+
+from .wsframes import PreparedFrame, prepare_frame
+
+_log = logging.getLogger(__name__)
+
+#: Request id, then the length of what follows.
+_HEADER = struct.Struct("<QI")
+_CLOSE_TIMEOUT_S = 5.0
+
+
+class WorkerGone(Exception):
+    """The worker is not running (never started, exited, or killed)."""
+
+
+class FrameWorker:
+    """The server side of one frame worker; every method runs on the server's event loop."""
+
+    def __init__(self) -> None:
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[PreparedFrame | None]] = {}
+        self._next_id = 0
+        self._write_lock = asyncio.Lock()
+        self._closing = False
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None and self._reader is not None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def start(self) -> None:
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            __name__,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        self._reader = asyncio.create_task(self._read_answers(), name="frame-worker-answers")
+
+    async def prepare(self, text: str) -> PreparedFrame | None:
+        """The worker's :func:`prepare_frame` of *text*; raises :class:`WorkerGone`."""
+        if not self.alive or self._proc is None or self._proc.stdin is None:
+            raise WorkerGone("no frame worker")
+        self._next_id += 1
+        request = self._next_id
+        future: asyncio.Future[PreparedFrame | None] = asyncio.get_running_loop().create_future()
+        self._pending[request] = future
+        body = text.encode("utf-8", "surrogatepass")
+        try:
+            async with self._write_lock:  # one request's bytes never interleave another's
+                self._proc.stdin.write(_HEADER.pack(request, len(body)))
+                self._proc.stdin.write(body)
+                await self._proc.stdin.drain()
+        except (ConnectionError, RuntimeError) as exc:
+            self._pending.pop(request, None)
+            raise WorkerGone(f"frame worker gone: {exc}") from exc
+        return await future
+
+    async def _read_answers(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        stdout = self._proc.stdout
+        try:
+            while True:
+                request, length = _HEADER.unpack(await stdout.readexactly(_HEADER.size))
+                answer = marshal.loads(await stdout.readexactly(length))
+                future = self._pending.pop(request, None)
+                if future is not None and not future.done():
+                    future.set_result(None if answer is None else PreparedFrame(*answer))
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError, EOFError) as exc:
+            if self._proc.returncode is None and not isinstance(exc, asyncio.IncompleteReadError):
+                _log.warning("frame worker answered garbage (%s); stopping it", exc)
+                with contextlib.suppress(ProcessLookupError):
+                    self._proc.kill()
+        finally:
+            self._reader = None
+            code = await self._proc.wait()
+            if not self._closing:
+                _log.warning(
+                    "frame worker exited (code %s); the server parses frames itself from now on",
+                    code,
+                )
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(WorkerGone(f"frame worker exited (code {code})"))
+            self._pending.clear()
+
+    async def close(self) -> None:
+        """End the worker (its stdin closed; killed if it has not exited within 5 s)."""
+        proc, self._closing = self._proc, True
+        if proc is None:
+            return
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), _CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+        reader = self._reader
+        if reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+
+def main() -> None:
+    """The child: answer requests on stdin until it closes."""
+    # The server's process group gets the terminal's Ctrl-C too; the server ends the worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    requests, answers = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        header = requests.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            return
+        request, length = _HEADER.unpack(header)
+        body = requests.read(length)
+        if len(body) < length:
+            return
+        try:
+            answer = prepare_frame(body.decode("utf-8", "surrogatepass"))
+        except Exception:  # the server decodes this frame itself and answers for it
+            logging.getLogger(__name__).exception("frame worker failed on a frame")
+            answer = None
+        data = marshal.dumps(None if answer is None else tuple(answer))
+        answers.write(_HEADER.pack(request, len(data)))
+        answers.write(data)
+        answers.flush()
+
+
+if __name__ == "__main__":
+    main()

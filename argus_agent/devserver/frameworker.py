@@ -1,6 +1,6 @@
 """The reference server's frame worker: a child process that parses and checks websocket
 ``events`` frames (:func:`wsframes.prepare_frame`), so that the server's own process only
-stores them. Parsing and checking is about half of the server's CPU for an events frame; on
+stores them. Parsing and checking is nearly half of the server's CPU for an events frame; on
 a machine with two cores or more, the worker does it for the next frames while the event loop
 stores the current one (``bench/websocket.py``; ``dev-server`` runs one unless
 ``--no-frame-worker``; tests' in-process servers run none unless asked).
@@ -18,10 +18,13 @@ the session decodes it itself, for the protocol's exact answer). ``marshal`` rat
 ``pickle``: the answer is tuples of strings, numbers and JSON values, which marshal writes and
 reads in 0.7 µs an event against pickle's 0.9 (a frame of 500 log lines); both ends are the
 same interpreter, the one version of the format it needs.
-Hand-written rather than a
-``concurrent.futures.ProcessPoolExecutor``: its feeder and result threads need the GIL that the
-event loop holds while it stores a frame (the thread switch interval is 5 ms), which a worker
-on the event loop's own pipes never waits for.
+
+Hand-written rather than a ``concurrent.futures.ProcessPoolExecutor`` (tried, measured with
+``bench/websocket.py``'s events rounds on the same machine): the pool was no faster (medians
+28,400/s and 28,900/s, within this machine's noise), and its worker, its forkserver and
+multiprocessing's resource tracker all outlive a server that is SIGKILLed (a pool worker holds
+both ends of its request queue, so it never sees the server go), which is what tests and
+benchmarks do to servers.
 
 The child exits when its stdin closes: when the server closes the worker, and when the
 server's process dies (the kernel closes the pipe), so no worker outlives its server.
@@ -93,10 +96,11 @@ class FrameWorker:
                 self._proc.stdin.write(_HEADER.pack(request, len(body)))
                 self._proc.stdin.write(body)
                 await self._proc.stdin.drain()
+            return await future
         except (ConnectionError, RuntimeError) as exc:
-            self._pending.pop(request, None)
             raise WorkerGone(f"frame worker gone: {exc}") from exc
-        return await future
+        finally:  # answered, failed or cancelled: nothing waits for this id any more
+            self._pending.pop(request, None)
 
     async def _read_answers(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None

@@ -11,9 +11,11 @@ protocol"); the messages, limits and codes are :mod:`argus_agent.wsproto`'s:
 - the session: every pending command pushed after welcome, then each new one the moment its
   transaction commits (:class:`WsHub` listens to :attr:`Store.command_listeners`, from any
   thread); ``ack`` frames through :func:`executor.ack_command` (one queue for both
-  channels); ``events`` frames through :func:`ingest.ingest_many_in`, stored with the
-  confirmed seq in one transaction; bad frames answered per :meth:`FrameError.reply`, more
-  than ``bad_frame_burst`` of them within ``bad_frame_window_s`` closed 1008;
+  channels); ``events`` frames parsed and checked (by the frame worker when the server runs
+  one, :mod:`.frameworker`, up to 4 frames ahead of the one being stored, :mod:`.readahead`)
+  and stored with the confirmed seq in one transaction (:mod:`.wsevents`); frames answered in
+  the order they came; bad frames answered per :meth:`FrameError.reply`, more than
+  ``bad_frame_burst`` of them within ``bad_frame_window_s`` closed 1008;
 - liveness: the agent's last_seen is bumped on connect, on each frame and on every push
   check (at least every ``recheck_s``, 2 s; uvicorn drops a connection whose pong is late);
 - :class:`~.wsoptions.WsOptions` (switches: no endpoint at all, another subprotocol) and
@@ -35,8 +37,7 @@ import contextvars
 import json
 import logging
 import time
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
@@ -46,6 +47,7 @@ from argus_agent.wsproto import CloseCode, ErrorCode, FrameError
 
 from . import executor, wsevents, wsframes
 from .frameworker import FrameWorker, WorkerGone
+from .readahead import read_ahead
 from .store import ApiError, Store
 from .wsoptions import WsFaults, WsOptions
 
@@ -55,7 +57,6 @@ _log = logging.getLogger(__name__)
 _MAX_CLOSE_REASON_BYTES = 123
 #: At most one last_seen bump per this many seconds for frames that write nothing else.
 _TOUCH_EVERY_S = 0.5
-_T = TypeVar("_T")
 _GONE = (WebSocketDisconnect, WebSocketDisconnected, OSError)
 #: Frames read ahead of the one being handled: enough to keep a frame worker busy while a
 #: frame is stored, few enough that a flood waits in TCP, not in this process.
@@ -75,31 +76,6 @@ class _DenialNoiseFilter(logging.Filter):
 
 
 _DENIAL_FILTER = _DenialNoiseFilter()
-
-
-class _Ended(Exception):
-    """The frame handler ended the session while the reader waited."""
-
-
-async def _unless_ended(step: Awaitable[_T], handler: asyncio.Task[None]) -> _T:
-    """*step*'s result; raises :class:`_Ended` (*step* cancelled) when *handler* ends first."""
-    task = asyncio.ensure_future(step)
-    try:
-        await asyncio.wait((task, handler), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not task.done():
-            task.cancel()
-    if task.cancelled():
-        raise _Ended
-    return task.result()
-
-
-def _cancel_queued(queue: asyncio.Queue[Any]) -> None:
-    """Cancel the worker's preparations of frames that will not be handled."""
-    while not queue.empty():
-        item = queue.get_nowait()
-        if item is not None and item[1] is not None:
-            item[1].cancel()
 
 
 def close_reason(text: str) -> str:
@@ -416,33 +392,17 @@ class _Session:
         return not self.closed
 
     async def _receive_loop(self) -> None:
-        """Read frames and hand them, in order, to :meth:`_handle_frames`, at most
-        ``_FRAMES_AHEAD`` ahead of it. With a frame worker, an events frame goes to the
-        worker as it is read, so the worker parses the next frames while this process stores
-        the current one."""
-        queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[Any] | None] | None]
-        queue = asyncio.Queue(_FRAMES_AHEAD)
-        handler = asyncio.create_task(self._handle_frames(queue), name=f"ws-in-{self.agent_id}")
-        try:
-            while not self.closed:
-                message = await _unless_ended(self._receive(), handler)
-                if message is None:  # the connection ended
-                    break
-                ahead = self._ahead(message)
-                try:
-                    await _unless_ended(queue.put((message, ahead)), handler)
-                except _Ended:
-                    if ahead is not None:
-                        ahead.cancel()
-                    raise
-            await _unless_ended(queue.put(None), handler)  # what was read is still handled
-        except _Ended:  # the handler ended the session: what it left is not handled
-            _cancel_queued(queue)
-        except BaseException:
-            handler.cancel()
-            _cancel_queued(queue)
-            raise
-        await handler  # its failure is the session's
+        """Frames answered in order; with a frame worker, an events frame goes to the worker
+        as it is read, so the worker parses the next frames while this process stores the
+        current one (:func:`read_ahead`)."""
+        await read_ahead(
+            self._receive,
+            self._ahead,
+            self._handle,
+            lambda: not self.closed,
+            depth=_FRAMES_AHEAD,
+            name=f"ws-in-{self.agent_id}",
+        )
 
     def _ahead(self, message: dict[str, Any]) -> asyncio.Future[Any] | None:
         """An events frame's preparation, started in the frame worker; None without one."""
@@ -451,13 +411,6 @@ class _Session:
         if worker is None or not worker.alive or not wsframes.looks_like_events(text):
             return None
         return asyncio.ensure_future(worker.prepare(str(text)))
-
-    async def _handle_frames(
-        self, queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[Any] | None] | None]
-    ) -> None:
-        while (item := await queue.get()) is not None:
-            if not await self._handle(*item):
-                return
 
     async def _decode(
         self, message: dict[str, Any], ahead: asyncio.Future[Any] | None

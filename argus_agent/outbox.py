@@ -132,22 +132,31 @@ class Outbox(OutboxWriter):
 
     # -- consumers -----------------------------------------------------------------------
 
-    async def peek(self, limit: int) -> list[Chunk]:
-        """The oldest chunks, as many as hold at most ``limit`` events (at least one). An
-        empty answer means the outbox is empty: the counters are set to zero."""
+    async def peek(self, limit: int, *, after: int = 0) -> list[Chunk]:
+        """The oldest chunks, as many as hold at most ``limit`` events (at least one); with
+        ``after``, the oldest after that chunk seq (those before it are being sent: a sender
+        keeping several batches unanswered asks for the next one). The chunks returned count
+        as being sent (never dropped to make room) until removed or until the next peek
+        without ``after``. An empty answer without ``after`` means the outbox is empty: the
+        counters are set to zero."""
 
         def read(db: sqlite3.Connection) -> list[Chunk]:
             chunks: list[Chunk] = []
             total = 0
             rows = db.execute(
-                "SELECT seq, count, event_ids, bodies FROM events ORDER BY seq LIMIT ?", (limit,)
+                "SELECT seq, count, event_ids, bodies FROM events WHERE seq > ? "
+                "ORDER BY seq LIMIT ?",
+                (after, limit),
             )
             for seq, count, ids, bodies in rows:
                 if chunks and total + count > limit:
                     break
                 chunks.append(Chunk(seq, ids.split("\n"), bodies.split(b"\n")))
                 total += count
-            self._inflight = {chunk.seq for chunk in chunks}
+            seqs = {chunk.seq for chunk in chunks}
+            self._inflight = self._inflight | seqs if after else seqs
+            if after:
+                return chunks
             if not chunks and limit > 0 and (self._queued or self._bytes):
                 log.warning(
                     "outbox counters disagreed with an empty outbox; set to zero",

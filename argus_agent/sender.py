@@ -12,18 +12,20 @@ rest. Without a reporter token nothing is sent: events stay in the outbox (bound
 agent says so once, in its log and its status.
 
 Transport seam: while ``transport`` (an :class:`EventsTransport`, the websocket channel) is
-ready, batches go over it instead (``events`` frames, up to ``transport.max_in_flight``
-unconfirmed at once) and its answers, in the REST batch answer's shape, are settled exactly as
-REST answers; when it is not ready, REST as above. An event leaves the outbox only when an
-answer settled it, whichever way it went; one sent twice (a frame whose confirm was lost with
-the connection) is de-duplicated by the server by ``event_id``. The reporter token is still
-required: without one nothing is sent, not even over the websocket (which would carry events
-without it), so that "no token, no telemetry leaves the host" stays one simple rule.
+ready, batches go over it instead (``events`` frames, ``transport.max_in_flight`` kept
+unconfirmed: the next is sent as the oldest is confirmed) and its answers, in the REST batch
+answer's shape, are settled exactly as REST answers; when it is not ready, REST as above. An
+event leaves the outbox only when an answer settled it, whichever way it went; one sent twice
+(a frame whose confirm was lost with the connection) is de-duplicated by the server by
+``event_id``. The reporter token is still required: without one nothing is sent, not even over
+the websocket (which would carry events without it), so that "no token, no telemetry leaves the
+host" stays one simple rule.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import time
 from collections.abc import Awaitable
@@ -41,6 +43,9 @@ from argus_agent.outbox import Chunk, Outbox
 log = get_logger(__name__)
 
 IDLE_WAIT_S = 1.0
+#: How long one pass of the websocket's sliding window goes on submitting batches before it
+#: settles what it sent and hands back to the loop (progress reported, shutdown seen).
+WINDOW_S = 1.0
 
 
 class EventsTransport(Protocol):
@@ -143,19 +148,19 @@ class EventSender:
             self.health.report("sender")
 
     async def send_once(self) -> float | None:
-        """Send one batch. Returns None when the outbox is empty or the batch went through,
-        else how long to wait before trying again."""
+        """Send one batch over REST, or a window of them over the websocket. Returns None
+        when the outbox is empty or what was sent went through, else how long to wait before
+        trying again."""
         transport = self.transport
         if transport is not None and not transport.events_ready():
             transport = None
-        in_flight = transport.max_in_flight if transport is not None else 1
-        chunks = await self.outbox.peek(self.batch_size * in_flight)
+        chunks = await self.outbox.peek(self.batch_size)
         if not chunks:
             return None
         try:
             if transport is not None:
                 self.state.via = "websocket"
-                complete = await self._deliver_pipelined(transport, chunks)
+                complete = await self._deliver_windowed(transport, chunks)
             else:
                 self.state.via = "rest"
                 complete = await self._deliver(chunks)
@@ -209,36 +214,49 @@ class EventSender:
             return True
         return await self._settle(chunks, answer)
 
-    async def _deliver_pipelined(self, transport: EventsTransport, chunks: list[Chunk]) -> bool:
-        """Send the chunks over ``transport`` in batches of at most ``batch_size`` events and
-        ``max_batch_bytes``, all submitted before the first answer is awaited; settle each
-        answered batch as a REST answer, one refused as a whole event by event. Raises the
-        first other error after settling what was answered (the rest stays queued)."""
-        groups: list[list[Chunk]] = []
-        count = size = 0
-        for chunk in chunks:
-            chunk_size = sum(len(b) + 1 for b in chunk.bodies)
-            if groups and (
-                count + len(chunk.bodies) <= self.batch_size
-                and size + chunk_size <= transport.max_batch_bytes
-            ):
-                groups[-1].append(chunk)
-                count, size = count + len(chunk.bodies), size + chunk_size
-            else:
-                groups.append([chunk])
-                count, size = len(chunk.bodies), chunk_size
+    async def _deliver_windowed(self, transport: EventsTransport, first: list[Chunk]) -> bool:
+        """Keep ``transport.max_in_flight`` batches unanswered: submit *first* and the next
+        oldest chunks (``peek(after=)``) in batches of at most ``batch_size`` events and
+        ``max_batch_bytes``, and each time the oldest is answered, settle it (as a REST answer;
+        one refused as a whole event by event) and submit the next. Sending more while earlier
+        batches wait keeps the server busy: refilling only once a whole window was answered
+        left it idle while the agent settled and read the next (about 15 % of the events/s,
+        ``bench/websocket.py``). Stops submitting after ``WINDOW_S`` (so that the caller
+        reports progress and sees shutdown), when the outbox has nothing newer, when a batch
+        went unanswered, or on an error; settles what was submitted, then raises the first
+        error that was not a refusal (what it did not settle stays queued)."""
+        window: collections.deque[tuple[list[Chunk], Awaitable[dict[str, Any]] | ServerError]]
+        window = collections.deque()
         error: ServerError | None = None
-        waiting: list[tuple[list[Chunk], Awaitable[dict[str, Any]] | ServerError]] = []
-        for group in groups:
-            try:
-                bodies = [body for chunk in group for body in chunk.bodies]
-                waiting.append((group, await transport.submit_events(bodies)))
-            except ServerError as exc:
-                waiting.append((group, exc))
-                if classify(exc, auth_retry_s=self.auth_retry_s).action is not Action.REFUSED:
-                    break
         complete = True
-        for group, pending in waiting:
+        after = 0  # the newest chunk submitted
+        stop_at = time.monotonic() + WINDOW_S
+        while True:
+            while (
+                error is None
+                and complete
+                and len(window) < transport.max_in_flight
+                and transport.events_ready()
+                and (not after or time.monotonic() < stop_at)
+            ):
+                chunks = await self.outbox.peek(self.batch_size, after=after) if after else first
+                if not chunks:
+                    break
+                after = chunks[-1].seq
+                for group in self._batches(chunks, transport.max_batch_bytes):
+                    try:
+                        bodies = [body for chunk in group for body in chunk.bodies]
+                        window.append((group, await transport.submit_events(bodies)))
+                    except ServerError as exc:
+                        window.append((group, exc))
+                        if classify(exc, auth_retry_s=self.auth_retry_s).action is not (
+                            Action.REFUSED
+                        ):
+                            error = exc
+                            break
+            if not window:
+                break
+            group, pending = window.popleft()
             try:
                 if isinstance(pending, ServerError):
                     raise pending
@@ -254,6 +272,22 @@ class EventSender:
         if error is not None:
             raise error
         return complete
+
+    def _batches(self, chunks: list[Chunk], max_bytes: int) -> list[list[Chunk]]:
+        """The chunks in batches of at most ``batch_size`` events and *max_bytes*."""
+        groups: list[list[Chunk]] = []
+        count = size = 0
+        for chunk in chunks:
+            chunk_size = sum(len(b) + 1 for b in chunk.bodies)
+            if groups and (
+                count + len(chunk.bodies) <= self.batch_size and size + chunk_size <= max_bytes
+            ):
+                groups[-1].append(chunk)
+                count, size = count + len(chunk.bodies), size + chunk_size
+            else:
+                groups.append([chunk])
+                count, size = len(chunk.bodies), chunk_size
+        return groups
 
     async def _post(self, bodies: list[bytes]) -> dict[str, Any]:
         """One batch over the transport while it is ready, else over REST."""

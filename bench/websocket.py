@@ -11,7 +11,9 @@
    ``argus-agent dev-server`` process (``--no-rate-limit``), as a real server is never in the
    agent's process. A warm-up round, then ROUNDS rounds; the median round is reported, with
    the CPU time each side spent per event (this process: agent and benchmark; the server
-   process).
+   process and its frame worker). The websocket is measured twice: with the dev-server's
+   default frame worker (events frames parsed in a child process while the server stores
+   the frames before them) and with ``--no-frame-worker`` (all in the server's process).
 4. Hung server: ``argus-agent dev-server`` as a real process, SIGSTOPped while the agent is
    connected; time until the agent's channel state leaves "connected"; then SIGCONT and the
    next trial once it reconnected.

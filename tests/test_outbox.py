@@ -108,3 +108,35 @@ async def test_many_puts_at_once_are_committed_together(tmp_path: Path) -> None:
     assert len(await _ids(box)) == 1000
     assert sum(len(c.event_ids) for c in await box.peek(500)) <= 500
     await box.close()
+
+
+async def test_peek_after_reads_past_the_chunks_being_sent_and_none_of_them_is_dropped(
+    tmp_path: Path,
+) -> None:
+    """A sender keeping several batches unanswered asks for the next with ``after``: it gets
+    the chunks past it, in order, and every chunk it was given stays queued when room is
+    made (until removed, or until a peek without ``after`` starts over)."""
+    box = Outbox(tmp_path / "outbox.db", max_bytes=12_000, chunk_size=2)
+    await box.start()
+    snaps = _events(EventKind.SNAPSHOT, "b1", 12, size=500)
+    await box.put(snaps)
+    first = await box.peek(2)
+    second = await box.peek(2, after=first[-1].seq)
+    third = await box.peek(4, after=second[-1].seq)
+    given = [i for chunk in first + second + third for i in chunk.event_ids]
+    assert given == [e.event_id for e in snaps[:8]]
+    tail = await box.peek(100, after=third[-1].seq)
+    assert [i for c in tail for i in c.event_ids] == [e.event_id for e in snaps[8:]]
+    assert await box.peek(100, after=tail[-1].seq) == []
+    assert box.stats().queued == 12  # an empty answer past a seq says nothing of the outbox
+    # Start over with two batches being sent; room for 8 more: the oldest droppable chunks
+    # go, but not those two.
+    first = await box.peek(2)
+    second = await box.peek(2, after=first[-1].seq)
+    sent = [i for chunk in first + second for i in chunk.event_ids]
+    await box.put(_events(EventKind.SNAPSHOT, "b2", 8, size=500))
+    kept = await _ids(box)
+    assert all(i in kept for i in sent), "a chunk being sent was dropped"
+    dropped = [e.event_id for e in snaps if e.event_id not in kept]
+    assert dropped and dropped == [e.event_id for e in snaps[4 : 4 + len(dropped)]]
+    await box.close()

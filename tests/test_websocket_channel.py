@@ -13,6 +13,7 @@ import logging
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,7 @@ from argus_agent.channels import auto
 from argus_agent.config import Settings, load_settings
 from argus_agent.devserver import DevServer
 from argus_agent.errors import ConfigError
+from argus_agent.events import EventKind, EventSource, make_event
 from argus_agent.views import format_status
 from tests.support import (
     ArgusUser,
@@ -220,3 +222,51 @@ async def test_a_rejected_agent_token_on_the_upgrade_is_an_auth_failure(
         await eventually(lambda: channel.state == "auth_rejected", what="the rejection")
         assert "register --force" in channel.last_error
         await eventually(lambda: on_websocket(running), what="the retry to get through")
+
+
+async def test_events_go_in_a_sliding_window_of_unconfirmed_frames(
+    make_settings, user_token: str, server: DevServer
+) -> None:
+    """The sender keeps ``max_in_flight`` frames unconfirmed and sends the next one as soon
+    as it has settled the oldest (not once the whole window is answered); every event
+    arrives once."""
+    settings = make_settings(server={"token": user_token})
+    await register(settings, user_token)
+    async with RunningAgent(settings) as running:
+        await eventually(lambda: on_websocket(running), what="the websocket")
+        agent = running.agent
+        transport = agent.sender.transport
+        assert transport is not None
+        order: list[str] = []
+        submit = transport.submit_events
+
+        async def observed(bodies: list[bytes]) -> Any:  # what the sender does, in order
+            answer = await submit(bodies)
+            order.append("sent")
+
+            async def settled() -> Any:
+                try:
+                    return await answer
+                finally:
+                    order.append("confirmed")
+
+            return settled()
+
+        transport.submit_events = observed  # type: ignore[method-assign]
+        source = EventSource(project="window", host="window-host")
+        events = [
+            make_event("log_line", EventKind.LOG, "b-window", source, {"line": f"{i}"})
+            for i in range(20 * agent.sender.batch_size)
+        ]
+        await agent.outbox.put(events)
+        await eventually(lambda: agent.outbox.stats().queued == 0, what="the outbox to drain")
+    window = transport.max_in_flight
+    in_flight = most = 0
+    for step in order:
+        in_flight += 1 if step == "sent" else -1
+        most = max(most, in_flight)
+    assert most == window, order
+    # The first confirm settled, the next frame goes before the second confirm is taken.
+    assert order[: window + 2] == ["sent"] * window + ["confirmed", "sent"], order
+    stored = [e["event_id"] for e in server_events(server.url, "b-window")]
+    assert sorted(stored) == sorted(e.event_id for e in events)

@@ -373,7 +373,7 @@ async def main(args: argparse.Namespace) -> None:
     print(
         f"events from one agent to a dev-server process, median of {ROUNDS} rounds of {args.events}"
     )
-    print(f"{'':<40} {'events/s':>10} {'agent us/event':>15} {'server us/event':>16}")
+    print(f"{'':<44} {'events/s':>10} {'agent us/event':>15} {'server us/event':>16}")
     for label, r in (
         ("over the websocket", ws_rate),
         ("REST batches", rest_rate),
@@ -381,7 +381,7 @@ async def main(args: argparse.Namespace) -> None:
         ("websocket + deflate", deflated),
     ):
         print(
-            f"{label + ' (via ' + str(r['via']) + ')':<40} {r['rate']:10.0f} "
+            f"{label + ' (via ' + str(r['via']) + ')':<44} {r['rate']:10.0f} "
             f"{r['agent_us']:15.1f} {r['server_us']:16.1f}"
         )
     ratio = ws_rate["rate"] / rest_rate["rate"]

@@ -118,13 +118,18 @@ def shape(message: Any) -> tuple[str, str | None, str | None]:
     return ("error", message.code, message.ref)
 
 
+@pytest.mark.parametrize("frame_worker", [False, True], ids=["in-process", "frame-worker"])
 async def test_hostile_frames_are_each_answered_and_the_connection_survives(
-    tmp_path: Path,
+    tmp_path: Path, frame_worker: bool
 ) -> None:
+    """Answered in order, each as the protocol's decoder says, with the frames parsed in the
+    server's process or by its frame worker (events frames read ahead)."""
     frames = hostile_frames(400, random.Random(20260109))
     expected = [e for e in map(expected_reply, frames) if e is not None]
     assert len(expected) > 300
-    with dev_server(tmp_path, websocket=WsOptions(bad_frame_burst=10_000)) as srv:
+    options = WsOptions(bad_frame_burst=10_000, frame_worker=frame_worker)
+    with dev_server(tmp_path, websocket=options) as srv:
+        assert (srv.frame_worker_pid is not None) is frame_worker
         agent = Agent(srv, srv.create_user("alice"))
         async with agent.session() as (conn, _):
             for frame in frames:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -219,3 +220,30 @@ async def test_the_worker_ends_when_its_server_process_is_killed(tmp_path: Path)
     finally:
         server.kill()
         server.wait(10)
+
+
+async def test_a_stopped_worker_is_given_up_and_no_frame_waits_on_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker that answers nothing (SIGSTOPped, stuck) is killed after the timeout; the
+    server parses the frames itself, so every session goes on."""
+    caplog.set_level(logging.WARNING, "argus_agent.devserver.frameworker")
+    options = WsOptions(frame_worker=True, frame_worker_timeout_s=0.5)
+    with dev_server(tmp_path, websocket=options) as srv:
+        agent = Agent(srv, srv.create_user("alice"))
+        pid = srv.frame_worker_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        sent: list[str] = []
+        async with agent.session() as (conn, _welcome):
+            for seq in range(1, 4):
+                events = [envelope(batch_id="b-stop") for _ in range(5)]
+                sent += [e["event_id"] for e in events]
+                await conn.send(w.encode_events(seq, [json.dumps(e) for e in events]))
+            confirms = [await receive(conn) for _ in range(3)]
+        assert [(c.seq, c.accepted) for c in confirms] == [(1, 5), (2, 5), (3, 5)]
+        stored = [e["event_id"] for e in server_events(srv.url, "b-stop")]
+        assert sorted(stored) == sorted(sent)
+        assert "gave no answer within 0.5 s; killing it" in caplog.text
+        await eventually(lambda: not alive(pid), what="the stopped worker killed")
+        assert srv.frame_worker_pid is None

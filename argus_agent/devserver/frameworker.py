@@ -7,9 +7,9 @@ stores the current one (``bench/websocket.py``; ``dev-server`` runs one unless
 
 Parent side: :class:`FrameWorker`, used by :mod:`.ws` from the server's event loop. It owns
 the child (``python -m argus_agent.devserver.frameworker``), one task reading its answers, and
-the futures waiting for them. A worker that is gone (crashed, killed) answers
-:class:`WorkerGone`; the session then parses that frame itself and the server goes on without
-a worker (the log says so once).
+the futures waiting for them. A worker that is gone (crashed, killed) or stuck (no answer
+within ``answer_timeout_s``: it is killed) answers :class:`WorkerGone`; the session then
+parses that frame itself and the server goes on without a worker (the log says so once).
 
 Wire, over the child's stdin and stdout: a request is a header (request id, byte length) and
 the frame's text in UTF-8; an answer is a header and the ``marshal`` of a
@@ -42,6 +42,7 @@ import struct
 import sys
 
 from .wsframes import PreparedFrame, prepare_frame
+from .wsoptions import FRAME_WORKER_TIMEOUT_S
 
 _log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ class WorkerGone(Exception):
 class FrameWorker:
     """The server side of one frame worker; every method runs on the server's event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer_timeout_s: float = FRAME_WORKER_TIMEOUT_S) -> None:
+        self.answer_timeout_s = answer_timeout_s
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[PreparedFrame | None]] = {}
@@ -97,9 +99,18 @@ class FrameWorker:
                 self._proc.stdin.write(_HEADER.pack(request, len(body)))
                 self._proc.stdin.write(body)
                 await self._proc.stdin.drain()
-            return await future
+            return await asyncio.wait_for(future, self.answer_timeout_s)
         except (ConnectionError, RuntimeError) as exc:
             raise WorkerGone(f"frame worker gone: {exc}") from exc
+        except TimeoutError:
+            # Stopped (SIGSTOP) or stuck: without this every session would wait on it forever.
+            if self._proc.returncode is None:
+                _log.warning(
+                    "frame worker gave no answer within %g s; killing it", self.answer_timeout_s
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    self._proc.kill()
+            raise WorkerGone(f"no answer within {self.answer_timeout_s:g} s") from None
         finally:  # answered, failed or cancelled: nothing waits for this id any more
             self._pending.pop(request, None)
 

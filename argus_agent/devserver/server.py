@@ -191,7 +191,7 @@ class DevServer:
         if hub is None or not self.ws_options.frame_worker:
             await server.serve(sockets=[sock])
             return
-        worker = FrameWorker()
+        worker = FrameWorker(self.ws_options.frame_worker_timeout_s)
         await worker.start()
         hub.frame_worker = worker
         try:

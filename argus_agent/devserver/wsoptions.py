@@ -12,6 +12,11 @@ from typing import Any
 
 from argus_agent import wsproto
 
+#: How long a frame may wait for the frame worker's answer before the worker counts as stuck
+#: (it is killed, and the server parses frames itself). A frame of 500 events takes about
+#: 12 ms; one of 4 MiB, the most the protocol allows, well under a second.
+FRAME_WORKER_TIMEOUT_S = 10.0
+
 
 @dataclass(frozen=True)
 class WsOptions:
@@ -34,6 +39,8 @@ class WsOptions:
     #: the frames before them: the server's events/s on two cores or more. ``dev-server``
     #: turns it on; in-process servers (tests, the demo) keep it off unless asked.
     frame_worker: bool = False
+    #: How long a frame waits for the worker's answer before the worker counts as stuck.
+    frame_worker_timeout_s: float = FRAME_WORKER_TIMEOUT_S
 
 
 class WsFaults:

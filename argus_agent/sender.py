@@ -131,6 +131,7 @@ class EventSender:
             if delay is None:
                 self.outbox.changed.clear()
                 if self.outbox.stats().queued:
+                    self.health.report("sender")  # a backlog draining is progress
                     continue
                 self.state.state = "idle"
                 self.health.report("sender", IDLE_WAIT_S)
@@ -222,8 +223,8 @@ class EventSender:
         batches wait keeps the server busy: refilling only once a whole window was answered
         left it idle while the agent settled and read the next (about 15 % of the events/s,
         ``bench/websocket.py``). Stops submitting after ``WINDOW_S`` (so that the caller
-        reports progress and sees shutdown), when the outbox has nothing newer, when a batch
-        went unanswered, or on an error; settles what was submitted, then raises the first
+        sees shutdown), when the outbox has nothing newer, when a batch went unanswered, or
+        on an error; settles what was submitted, then raises the first
         error that was not a refusal (what it did not settle stays queued)."""
         window: collections.deque[tuple[list[Chunk], Awaitable[dict[str, Any]] | ServerError]]
         window = collections.deque()
@@ -232,12 +233,16 @@ class EventSender:
         after = 0  # the newest chunk submitted
         stop_at = time.monotonic() + WINDOW_S
         while True:
+            # Chunk seqs are rowids: once the window is empty, the newest chunk it sent is
+            # gone, and an outbox left empty numbers new chunks from 1 again, below ``after``.
+            # Reading past ``after`` is safe only while that chunk is still queued, i.e. while
+            # the window holds it; else the pass ends and the next one starts from the oldest.
             while (
                 error is None
                 and complete
                 and len(window) < transport.max_in_flight
                 and transport.events_ready()
-                and (not after or time.monotonic() < stop_at)
+                and (not after or (window and time.monotonic() < stop_at))
             ):
                 chunks = await self.outbox.peek(self.batch_size, after=after) if after else first
                 if not chunks:
@@ -269,6 +274,7 @@ class EventSender:
                     error = error or exc
                 continue
             complete = await self._settle(group, answer) and complete
+            self.health.report("sender")  # a pass may take seconds: each answer is progress
         if error is not None:
             raise error
         return complete

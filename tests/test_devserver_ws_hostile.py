@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
 from argus_agent import wsproto as w
-from argus_agent.devserver import WsOptions
+from argus_agent.devserver import DevServer, WsOptions
 from tests.support import eventually
 from tests.test_devserver_ws import (
     HANG_GUARD_S,
@@ -217,3 +218,30 @@ def test_dev_server_help_documents_no_websocket() -> None:
     )
     assert result.returncode == 0
     assert "--no-websocket" in result.stdout and "403" in result.stdout
+
+
+async def test_an_integer_sqlite_cannot_hold_is_refused_not_a_server_failure(
+    server: DevServer, agent: Agent
+) -> None:
+    """The protocol takes integers of up to 100 digits; SQLite holds 64 bits. A batch_start
+    whose n_total_jobs is larger is rejected (422), on either channel, and an ack's pid
+    likewise, instead of the server failing on the frame or request: an agent would send it
+    again and again. Found by a hostile review."""
+    start = envelope(batch_id="b-int", event_type="batch_start", data={"n_total_jobs": 10**30})
+    async with agent.session() as (conn, _):
+        await conn.send(w.encode_events(1, [json.dumps(start)]))
+        confirm = await receive(conn)
+        assert (confirm.accepted, confirm.rejected) == (0, 1)
+        assert "n_total_jobs" in confirm.rejections[0].error
+        await conn.send(w.encode_events(2, [json.dumps(envelope(batch_id="b-int"))]))
+        assert (await receive(conn)).accepted == 1  # the session goes on
+    user = server.create_user("carol")
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {user}"}) as http:
+        again = {**start, "event_id": "int-rest-0001"}
+        answer = http.post("/api/events/batch", json={"events": [again]})
+        assert answer.status_code == 200
+        assert answer.json()["results"][0]["status"] == "rejected"
+        assert http.post("/api/events", json=again).status_code == 422
+    cmd = await asyncio.to_thread(server.inject_command, agent.agent_id, "stop", "b-int", {})
+    assert agent.rest_ack(cmd, {"status": "started", "pid": 2**70}) == 422
+    assert agent.rest_ack(cmd, {"status": "started", "pid": 4242}) == 200

@@ -9,12 +9,14 @@ assertions: the figures (rerun latency, detection time) are measured in ``bench/
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from argus_agent.channels import auto
@@ -22,6 +24,7 @@ from argus_agent.config import Settings, load_settings
 from argus_agent.devserver import DevServer
 from argus_agent.errors import ConfigError
 from argus_agent.events import EventKind, EventSource, make_event
+from argus_agent.health import Health
 from argus_agent.views import format_status
 from tests.support import (
     ArgusUser,
@@ -270,3 +273,68 @@ async def test_events_go_in_a_sliding_window_of_unconfirmed_frames(
     assert order[: window + 2] == ["sent"] * window + ["confirmed", "sent"], order
     stored = [e["event_id"] for e in server_events(server.url, "b-window")]
     assert sorted(stored) == sorted(e.event_id for e in events)
+
+
+async def test_events_put_while_a_window_drains_the_outbox_keep_their_order(
+    make_settings, user_token: str, server: DevServer
+) -> None:
+    """Outbox seqs are rowids, reused once the table is empty: a job's last lines and its
+    batch_done, committed right after the window's last confirm emptied the outbox, get seqs
+    at or below the newest one the window sent. They must still reach the server oldest
+    first (the lifecycle event after the job's last line). Found by a hostile review."""
+    settings = make_settings(server={"token": user_token}, telemetry={"enabled": False})
+    await register(settings, user_token)
+    source = EventSource(project="order", host="order-host")
+    async with RunningAgent(settings) as running:
+        await eventually(lambda: on_websocket(running), what="the websocket")
+        box = running.agent.outbox
+        await eventually(lambda: box.stats().queued == 0, what="an empty outbox")
+        real_remove = box.remove
+        injected: dict[str, list[str]] = {}
+
+        async def remove(seqs: list[int]) -> None:  # puts land right after the last remove
+            await real_remove(seqs)
+            if injected or box.stats().queued:
+                return
+            newest = max(seqs)  # gone: the table is empty and rowids start at 1 again
+            lines = [
+                make_event("log_line", EventKind.LOG, f"job-{i}", source, {"line": "last"})
+                for i in range(newest + 1)
+            ]
+            done = make_event("batch_done", EventKind.LIFECYCLE, "job-0", source, {"n_done": 1})
+            injected["lines"], injected["done"] = [e.event_id for e in lines], [done.event_id]
+            await box.put(lines)
+            await box.put([done])
+
+        box.remove = remove  # type: ignore[method-assign]
+        await box.put([make_event("log_line", EventKind.LOG, "warm", source, {"line": "x"})])
+        await eventually(lambda: injected and box.stats().queued == 0, what="the drain")
+    stored = httpx.get(f"{server.url}/api/_dev/events").json()  # in arrival order
+    arrival = [e["event_id"] for e in stored if e["batch_id"].startswith("job-")]
+    assert arrival == injected["lines"] + injected["done"]
+
+
+async def test_the_sender_reports_progress_while_a_backlog_drains(
+    make_settings, user_token: str, server: DevServer
+) -> None:
+    """An outbox that never empties (a backlog, steady production) is progress, not a stall:
+    the sender reports health after every pass. Found by a hostile review."""
+    settings = make_settings(server={"token": user_token}, telemetry={"enabled": False})
+    await register(settings, user_token)
+    source = EventSource(project="backlog", host="backlog-host")
+    async with RunningAgent(settings) as running:
+        await eventually(lambda: on_websocket(running), what="the websocket")
+        backlog = [
+            make_event("log_line", EventKind.LOG, f"b-{i % 50}", source, {"line": f"{i}"})
+            for i in range(60_000)
+        ]
+        await running.agent.outbox.put(backlog)
+        sender = running.agent.sender
+        sender.health = Health(1.0)  # a stall after 1 s without a report
+        sender.health.report("sender")
+        overdue: list[dict[str, float]] = []
+        for _ in range(30):  # 3 s of draining
+            overdue.append(sender.health.overdue())
+            await asyncio.sleep(0.1)
+        assert running.agent.outbox.stats().queued > 0  # still draining
+    assert not any(overdue), overdue

@@ -6,7 +6,7 @@ stores the current one (``bench/websocket.py``; ``dev-server`` runs one unless
 ``--no-frame-worker``; tests' in-process servers run none unless asked).
 
 Parent side: :class:`FrameWorker`, used by :mod:`.ws` from the server's event loop. It owns
-the child (``python -m argus_agent.devserver.frameworker``), one task reading its answers, and
+the child (``python -P -c`` running :func:`main`), one task reading its answers, and
 the futures waiting for them. A worker that is gone (crashed, killed) or stuck (no answer
 within ``answer_timeout_s``: it is killed) answers :class:`WorkerGone`; the session then
 parses that frame itself and the server goes on without a worker (the log says so once).
@@ -14,7 +14,8 @@ parses that frame itself and the server goes on without a worker (the log says s
 Wire, over the child's stdin and stdout: a request is a header (request id, byte length) and
 the frame's text in UTF-8; an answer is a header and the ``marshal`` of a
 :class:`wsframes.PreparedFrame` as a plain tuple, or of None (not a well-formed events frame:
-the session decodes it itself, for the protocol's exact answer). ``marshal`` rather than
+the session decodes it itself, for the protocol's exact answer); the worker's first message
+is a header alone with id 0, "ready". ``marshal`` rather than
 ``pickle``: the answer is tuples of strings, numbers and JSON values, which marshal writes and
 reads in 0.7 µs an event against pickle's 0.9 (a frame of 500 log lines); both ends are the
 same interpreter, the one version of the format it needs.
@@ -40,6 +41,7 @@ import marshal
 import signal
 import struct
 import sys
+import time
 
 from .wsframes import PreparedFrame, prepare_frame
 from .wsoptions import FRAME_WORKER_TIMEOUT_S
@@ -48,6 +50,11 @@ _log = logging.getLogger(__name__)
 
 #: Request id, then the length of what follows.
 _HEADER = struct.Struct("<QI")
+#: The id of the worker's first message, with nothing after it: ready (imports done, pipes
+#: widened). Requests are numbered from 1.
+_READY = 0
+#: How long the worker may take to say it is ready, besides ``answer_timeout_s``.
+_STARTUP_S = 60.0
 _CLOSE_TIMEOUT_S = 5.0
 
 
@@ -66,6 +73,11 @@ class FrameWorker:
         self._next_id = 0
         self._write_lock = asyncio.Lock()
         self._closing = False
+        #: When the worker last answered (or was last idle): a worker quiet for
+        #: ``answer_timeout_s`` while requests wait is stuck.
+        self._progress_at = time.monotonic()
+        #: Whether the worker said it is ready (imports done, pipes widened).
+        self._ready = False
 
     @property
     def alive(self) -> bool:
@@ -76,43 +88,73 @@ class FrameWorker:
         return self._proc.pid if self._proc is not None else None
 
     async def start(self) -> None:
+        """Start the child; an OSError (it cannot be started) is the caller's."""
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            "-m",
-            __name__,
+            "-P",  # not the current directory first on sys.path: this package's worker only
+            "-c",
+            "from argus_agent.devserver.frameworker import main; main()",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
+        self._progress_at, self._ready = time.monotonic(), False
         self._reader = asyncio.create_task(self._read_answers(), name="frame-worker-answers")
 
     async def prepare(self, text: str) -> PreparedFrame | None:
-        """The worker's :func:`prepare_frame` of *text*; raises :class:`WorkerGone`."""
+        """The worker's :func:`prepare_frame` of *text*; raises :class:`WorkerGone`.
+
+        The worker counts as stuck (and is killed) when it answers nothing for
+        ``answer_timeout_s`` while requests wait, whether they wait for the answer or to be
+        written (a SIGSTOPped worker also stops reading: a frame bigger than the pipe then
+        waits in ``drain``); a worker answering a long queue slowly is not stuck."""
         if not self.alive or self._proc is None or self._proc.stdin is None:
             raise WorkerGone("no frame worker")
         self._next_id += 1
         request = self._next_id
         future: asyncio.Future[PreparedFrame | None] = asyncio.get_running_loop().create_future()
+        if not self._pending:  # an idle worker owes nothing until now
+            self._progress_at = time.monotonic()
         self._pending[request] = future
+        exchange = asyncio.ensure_future(self._exchange(request, text, future))
+        try:
+            while True:
+                # A worker still importing (about a second) is not stuck: it has _STARTUP_S
+                # more to say it is ready.
+                limit = self.answer_timeout_s + (0.0 if self._ready else _STARTUP_S)
+                quiet = time.monotonic() - self._progress_at
+                if quiet >= limit:
+                    self._give_up()
+                    raise WorkerGone(f"no answer within {limit:g} s")
+                done, _ = await asyncio.wait((exchange,), timeout=limit - quiet)
+                if done:
+                    return exchange.result()
+        finally:  # answered, failed or cancelled: nothing waits for this id any more
+            if not exchange.done():
+                exchange.cancel()
+            self._pending.pop(request, None)
+
+    async def _exchange(
+        self, request: int, text: str, future: asyncio.Future[PreparedFrame | None]
+    ) -> PreparedFrame | None:
+        assert self._proc is not None and self._proc.stdin is not None
         body = text.encode("utf-8", "surrogatepass")
         try:
             async with self._write_lock:  # one request's bytes never interleave another's
                 self._proc.stdin.write(_HEADER.pack(request, len(body)))
                 self._proc.stdin.write(body)
                 await self._proc.stdin.drain()
-            return await asyncio.wait_for(future, self.answer_timeout_s)
         except (ConnectionError, RuntimeError) as exc:
             raise WorkerGone(f"frame worker gone: {exc}") from exc
-        except TimeoutError:
-            # Stopped (SIGSTOP) or stuck: without this every session would wait on it forever.
-            if self._proc.returncode is None:
-                _log.warning(
-                    "frame worker gave no answer within %g s; killing it", self.answer_timeout_s
-                )
-                with contextlib.suppress(ProcessLookupError):
-                    self._proc.kill()
-            raise WorkerGone(f"no answer within {self.answer_timeout_s:g} s") from None
-        finally:  # answered, failed or cancelled: nothing waits for this id any more
-            self._pending.pop(request, None)
+        return await future
+
+    def _give_up(self) -> None:
+        """Stopped (SIGSTOP) or stuck: kill it, or every session would wait on it forever."""
+        if self._proc is not None and self._proc.returncode is None:
+            _log.warning(
+                "frame worker gave no answer within %g s; killing it", self.answer_timeout_s
+            )
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
 
     async def _read_answers(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
@@ -120,11 +162,16 @@ class FrameWorker:
         try:
             while True:
                 request, length = _HEADER.unpack(await stdout.readexactly(_HEADER.size))
+                self._progress_at = time.monotonic()
+                if request == _READY:
+                    self._ready = True
+                    continue
                 answer = marshal.loads(await stdout.readexactly(length))
+                prepared = None if answer is None else PreparedFrame(*answer)
                 future = self._pending.pop(request, None)
                 if future is not None and not future.done():
-                    future.set_result(None if answer is None else PreparedFrame(*answer))
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError, EOFError) as exc:
+                    future.set_result(prepared)
+        except Exception as exc:  # the worker is gone (EOF), or answered what it never would
             if self._proc.returncode is None and not isinstance(exc, asyncio.IncompleteReadError):
                 _log.warning("frame worker answered garbage (%s); stopping it", exc)
                 with contextlib.suppress(ProcessLookupError):
@@ -185,6 +232,8 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _widen_pipes()
     requests, answers = sys.stdin.buffer, sys.stdout.buffer
+    answers.write(_HEADER.pack(_READY, 0))
+    answers.flush()
     while True:
         header = requests.read(_HEADER.size)
         if len(header) < _HEADER.size:
@@ -202,7 +251,3 @@ def main() -> None:
         answers.write(_HEADER.pack(request, len(data)))
         answers.write(data)
         answers.flush()
-
-
-if __name__ == "__main__":
-    main()

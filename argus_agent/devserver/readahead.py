@@ -11,6 +11,7 @@ in the order they arrived, whatever order their preparations finish in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -77,6 +78,10 @@ async def _unless_ended(step: Awaitable[_T], handler: asyncio.Task[None]) -> _T:
     finally:
         if not task.done():
             task.cancel()
+            # A cancelled task is done only once it ran again: wait for that, so that the
+            # step is over (and its result, if it got one first, known) before going on.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait((task,))
     if task.cancelled():
         raise _Ended
     return task.result()

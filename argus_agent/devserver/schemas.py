@@ -7,7 +7,7 @@ their known ones, as Argus v0.3.0 does. Pure pydantic models; no I/O.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -36,6 +36,10 @@ EventType = Literal[
     "env_snapshot",
 ]
 OVERRIDES_MAX_BYTES = 64 * 1024
+#: An integer the server stores in an SQLite column: SQLite holds 64-bit signed integers, and
+#: binding a larger one raises OverflowError (a 500, or a websocket session closed for a
+#: frame the agent would send again and again) instead of a refusal.
+SqlInt = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class _Strict(BaseModel):
@@ -61,7 +65,7 @@ class AckIn(_Strict):
     """``POST /api/agents/{id}/jobs/{cmd_id}/ack``; any status string passes here (400 later)."""
 
     status: str
-    pid: int | None = None
+    pid: SqlInt | None = None
     error: str | None = None
 
 
@@ -133,7 +137,7 @@ class BatchEventsIn(_Strict):
 
 class BatchStartData(_Open):
     experiment_type: str | None = None
-    n_total_jobs: int | None = None
+    n_total_jobs: SqlInt | None = None
     command: str | None = None
 
 

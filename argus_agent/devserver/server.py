@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import signal
 import socket
 import sys
@@ -34,6 +35,7 @@ from .store import Store
 from .ws import WsHub
 from .wsoptions import WsFaults, WsOptions
 
+_log = logging.getLogger(__name__)
 _START_TIMEOUT_S = 15.0
 _STOP_TIMEOUT_S = 10.0
 
@@ -192,7 +194,12 @@ class DevServer:
             await server.serve(sockets=[sock])
             return
         worker = FrameWorker(self.ws_options.frame_worker_timeout_s)
-        await worker.start()
+        try:
+            await worker.start()
+        except OSError as exc:  # parsing in this process is slower, not wrong
+            _log.warning("could not start the frame worker (%s); parsing frames here", exc)
+            await server.serve(sockets=[sock])
+            return
         hub.frame_worker = worker
         try:
             await server.serve(sockets=[sock])

@@ -12,10 +12,11 @@ from typing import Any
 
 from argus_agent import wsproto
 
-#: How long a frame may wait for the frame worker's answer before the worker counts as stuck
-#: (it is killed, and the server parses frames itself). A frame of 500 events takes about
-#: 12 ms; one of 4 MiB, the most the protocol allows, well under a second.
-FRAME_WORKER_TIMEOUT_S = 10.0
+#: How long the frame worker may answer nothing while frames wait before it counts as stuck
+#: (it is killed, and the server parses frames itself). A frame of 500 log lines takes it
+#: about 12 ms; the slowest frame the protocol allows (4 MiB of deeply nested values) took
+#: 4.4 s on a 2-core VM.
+FRAME_WORKER_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class WsOptions:
     #: the frames before them: the server's events/s on two cores or more. ``dev-server``
     #: turns it on; in-process servers (tests, the demo) keep it off unless asked.
     frame_worker: bool = False
-    #: How long a frame waits for the worker's answer before the worker counts as stuck.
+    #: How long the worker may answer nothing while frames wait before it counts as stuck.
     frame_worker_timeout_s: float = FRAME_WORKER_TIMEOUT_S
 
 

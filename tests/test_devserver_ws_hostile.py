@@ -245,3 +245,22 @@ async def test_an_integer_sqlite_cannot_hold_is_refused_not_a_server_failure(
     cmd = await asyncio.to_thread(server.inject_command, agent.agent_id, "stop", "b-int", {})
     assert agent.rest_ack(cmd, {"status": "started", "pid": 2**70}) == 422
     assert agent.rest_ack(cmd, {"status": "started", "pid": 4242}) == 200
+
+
+def test_a_lone_surrogate_is_refused_422_over_rest_not_500(server: DevServer) -> None:
+    """JSON may carry ``"\\ud800"``, which UTF-8 cannot encode: a refusal that echoes it must
+    still be answered (422), as a 500 would be retried forever. Found while reviewing."""
+    user = server.create_user("dave")
+    headers = {"Authorization": f"Bearer {user}", "Content-Type": "application/json"}
+    bad_id = json.dumps({"events": [envelope(batch_id="b-SURROGATE")]}).replace(
+        "b-SURROGATE", "b-\\ud800"
+    )
+    bad_data = json.dumps(envelope(event_type="job_epoch", job_id="j", data={"epoch": "E"}))
+    bad_data = bad_data.replace('"E"', '"\\ud800"')
+    with httpx.Client(base_url=server.url, headers=headers) as http:
+        refused = http.post("/api/events/batch", content=bad_id)
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["detail"][0]["loc"] == ["body", "events", 0, "batch_id"]
+        refused = http.post("/api/events", content=bad_data)
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["detail"][0]["loc"] == ["epoch"]

@@ -9,9 +9,12 @@ validate the body first and check the agent token inside the handler. The websoc
 
 # No `from __future__ import annotations`: FastAPI must see the closure-local aliases below.
 
+import json
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from argus_agent import wsproto
@@ -73,6 +76,16 @@ def authenticate_agent(store: Store, authorization: str | None, agent_id: str) -
     return agent
 
 
+class _EscapedJSONResponse(JSONResponse):
+    """A refusal, whose detail echoes what was refused: JSON with every non-ASCII character
+    escaped, so that a lone surrogate in the input (``"\\ud800"``, which JSON allows and
+    UTF-8 cannot encode) is answered 422 and not 500 (a client retrying on 5xx would send it
+    forever)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def create_app(
     store: Store,
     *,
@@ -102,9 +115,14 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(
+        return _EscapedJSONResponse(
             {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
         )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer, rendered so that it survives what it echoes.
+        return _EscapedJSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
 
     def current_user(authorization: AuthHeader = None) -> Principal:
         return authenticate_user(store, authorization)

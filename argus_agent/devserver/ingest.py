@@ -273,7 +273,10 @@ def _data_error(model: type[BaseModel] | None, data: dict[str, Any]) -> ApiError
     try:
         model.model_validate(data)
     except ValidationError as exc:
-        return ApiError(422, json.loads(exc.json()))
+        try:
+            return ApiError(422, json.loads(exc.json()))
+        except ValueError:  # it echoes an input UTF-8 cannot encode (a lone surrogate)
+            return ApiError(422, json.loads(exc.json(include_input=False)))
     return None
 
 

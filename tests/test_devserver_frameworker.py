@@ -222,6 +222,13 @@ async def test_the_worker_ends_when_its_server_process_is_killed(tmp_path: Path)
         server.wait(10)
 
 
+async def _answered_once(agent: Agent) -> None:
+    """One events frame sent and confirmed: past this, the worker is ready."""
+    async with agent.session() as (conn, _welcome):
+        await conn.send(w.encode_events(1, [json.dumps(envelope(batch_id="b-warm"))]))
+        assert (await receive(conn)).seq == 1
+
+
 async def test_a_stopped_worker_is_given_up_and_no_frame_waits_on_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -233,9 +240,7 @@ async def test_a_stopped_worker_is_given_up_and_no_frame_waits_on_it(
         agent = Agent(srv, srv.create_user("alice"))
         pid = srv.frame_worker_pid
         assert pid is not None
-        async with agent.session() as (conn, _welcome):  # the worker is up and answering
-            await conn.send(w.encode_events(1, [json.dumps(envelope(batch_id="b-warm"))]))
-            assert (await receive(conn)).seq == 1
+        await _answered_once(agent)  # the worker is up and answering
         os.kill(pid, signal.SIGSTOP)
         sent: list[str] = []
         async with agent.session() as (conn, _welcome):
@@ -264,10 +269,7 @@ async def test_a_stopped_worker_is_given_up_even_when_a_frame_cannot_be_written_
         other = Agent(srv, srv.create_user("bob"), hostname="other-host")
         pid = srv.frame_worker_pid
         assert pid is not None
-        # The worker widens its pipes once it runs: wait until it answers a frame.
-        async with agent.session() as (conn, _welcome):
-            await conn.send(w.encode_events(1, [json.dumps(envelope(batch_id="b-warm"))]))
-            assert (await receive(conn)).seq == 1
+        await _answered_once(agent)  # it runs, its pipes widened
         os.kill(pid, signal.SIGSTOP)
         big = [envelope(batch_id="b-big", data={"message": "x" * 4000}) for _ in range(500)]
         frame = w.encode_events(2, [json.dumps(e) for e in big])

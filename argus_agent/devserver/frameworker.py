@@ -73,8 +73,8 @@ class FrameWorker:
         self._next_id = 0
         self._write_lock = asyncio.Lock()
         self._closing = False
-        #: When the worker last answered (or was last idle): a worker quiet for
-        #: ``answer_timeout_s`` while requests wait is stuck.
+        #: When the worker last answered (or was last idle; from its start until ready): a
+        #: worker quiet for ``answer_timeout_s`` while requests wait is stuck.
         self._progress_at = time.monotonic()
         #: Whether the worker said it is ready (imports done, pipes widened).
         self._ready = False
@@ -97,7 +97,6 @@ class FrameWorker:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
-        self._progress_at, self._ready = time.monotonic(), False
         self._reader = asyncio.create_task(self._read_answers(), name="frame-worker-answers")
 
     async def prepare(self, text: str) -> PreparedFrame | None:
@@ -123,7 +122,7 @@ class FrameWorker:
                 limit = self.answer_timeout_s + (0.0 if self._ready else _STARTUP_S)
                 quiet = time.monotonic() - self._progress_at
                 if quiet >= limit:
-                    self._give_up()
+                    self._give_up(limit)
                     raise WorkerGone(f"no answer within {limit:g} s")
                 done, _ = await asyncio.wait((exchange,), timeout=limit - quiet)
                 if done:
@@ -147,12 +146,10 @@ class FrameWorker:
             raise WorkerGone(f"frame worker gone: {exc}") from exc
         return await future
 
-    def _give_up(self) -> None:
+    def _give_up(self, limit: float) -> None:
         """Stopped (SIGSTOP) or stuck: kill it, or every session would wait on it forever."""
         if self._proc is not None and self._proc.returncode is None:
-            _log.warning(
-                "frame worker gave no answer within %g s; killing it", self.answer_timeout_s
-            )
+            _log.warning("frame worker gave no answer within %g s; killing it", limit)
             with contextlib.suppress(ProcessLookupError):
                 self._proc.kill()
 

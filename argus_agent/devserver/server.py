@@ -190,22 +190,22 @@ class DevServer:
     async def _serve(self, server: uvicorn.Server, sock: socket.socket, hub: WsHub | None) -> None:
         """uvicorn, with the frame worker (when asked) from before the first frame to after
         the last."""
-        if hub is None or not self.ws_options.frame_worker:
-            await server.serve(sockets=[sock])
-            return
-        worker = FrameWorker(self.ws_options.frame_worker_timeout_s)
-        try:
-            await worker.start()
-        except OSError as exc:  # parsing in this process is slower, not wrong
-            _log.warning("could not start the frame worker (%s); parsing frames here", exc)
-            await server.serve(sockets=[sock])
-            return
-        hub.frame_worker = worker
+        worker: FrameWorker | None = None
+        if hub is not None and self.ws_options.frame_worker:
+            worker = FrameWorker(self.ws_options.frame_worker_timeout_s)
+            try:
+                await worker.start()
+            except OSError as exc:  # parsing in this process is slower, not wrong
+                _log.warning("could not start the frame worker (%s); parsing frames here", exc)
+                worker = None
+        if hub is not None:
+            hub.frame_worker = worker
         try:
             await server.serve(sockets=[sock])
         finally:
-            hub.frame_worker = None
-            await worker.close()
+            if hub is not None and worker is not None:
+                hub.frame_worker = None
+                await worker.close()
 
     def stop(self) -> None:
         """Stop serving, close the socket and the database; blocks until down. Idempotent."""

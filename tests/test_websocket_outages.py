@@ -186,8 +186,14 @@ async def test_killing_the_server_mid_stream_loses_nothing_and_counts_nothing_tw
             done = asyncio.Event()
             producer = asyncio.create_task(_produce(agent.outbox, stream, produced, done))
             try:
-                for _ in range(kills):
-                    await eventually(lambda: on_websocket(running), timeout=30, what="connect")
+                for kill in range(kills):
+                    # A new session each time: right after a restart the channel may still
+                    # show the killed server's connection (and events flow over REST meanwhile).
+                    await eventually(
+                        lambda k=kill: on_websocket(running) and agent.channel.sessions > k,
+                        timeout=30,
+                        what="connect",
+                    )
                     sent = agent.sender.state.sent
                     await eventually(
                         lambda s=sent: agent.sender.state.sent > s + 50, what="events flowing"
@@ -212,7 +218,10 @@ async def test_killing_the_server_mid_stream_loses_nothing_and_counts_nothing_tw
 
             commands = await eventually(all_acked, timeout=30, what="every command acked")
             counts = agent.ledger.counts()
-            await eventually(lambda: on_websocket(running), what="the last reconnect")
+            await eventually(
+                lambda: on_websocket(running) and agent.channel.sessions > kills,
+                what="the last reconnect",
+            )
             assert agent.channel.sessions >= kills + 1
     finally:
         argus.close()
